@@ -1,0 +1,377 @@
+"""Wan2.1 / Wan2.2 diffusion transformer, with the official native parameter names.
+
+Sources: Wan-Video/Wan2.1 `wan/modules/model.py` (WanModel), Wan-Video/Wan2.2 `wan/modules/model.py` (per-token
+timesteps), diffusers `transformer_wan.py` (WanTransformer3DModel, the reference our parity tests run against).
+Facts: reference/models.md §2.1-2.4.
+
+One prediction: `WanModel(x, t, context, perturb)` maps a latent (B, C, F, H, W), timesteps on the 0..1000 scale and
+zero-padded text embeddings (B, 512, 4096) to the flow velocity v = noise - x0, (B, C, F, H, W), float32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from .attention import attention
+from .checkpoints import CheckpointError, LazySafetensors, Renamed, load_strict, safetensors_files
+from .interventions import Perturb, TokenLayout, branch_point
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timestep sinusoid [cos(t w), sin(t w)], w_i = 10000^(-i/(dim/2)), cos first; float64 as official. (..., dim)"""
+    half = dim // 2
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs  # (..., half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, device=None, theta: float = 10000.0):
+    """3D RoPE (cos, sin), each (L, head_dim/2) float32, from the integer token grid positions (f, h, w).
+
+    The head dim is split t | h | w = head_dim - 4(head_dim//6) | 2(head_dim//6) | 2(head_dim//6) (44/42/42 for 128);
+    axis a of width D_a rotates pair j by pos * theta^(-2j/D_a). Computed in float64, returned float32.
+    """
+    sizes = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
+    axes = []
+    for n, d in zip(grid, sizes):
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        axes.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv_freq))  # (n, d/2)
+    f, h, w = grid
+    angles = torch.cat([axes[0][:, None, None].expand(f, h, w, -1),
+                        axes[1][None, :, None].expand(f, h, w, -1),
+                        axes[2][None, None, :].expand(f, h, w, -1)], dim=-1).reshape(f * h * w, -1)  # (L, hd/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, L, heads, head_dim) in float32; returns x's dtype."""
+    cos, sin = (r[:, None] for r in rope)  # (L, 1, hd/2)
+    xe, xo = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, heads, hd/2) each
+    out = torch.stack([xe * cos - xo * sin, xe * sin + xo * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# norms and attention
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight (Wan's WanRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with RMS q/k norms across all heads (before the head split) and 3D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, rope, identity: bool = False):
+        """x: (B, L, dim) -> (B, L, dim). identity: attention map = identity (STG-A), output = o(v)."""
+        split = lambda t: rearrange(t, "b l (n d) -> b l n d", n=self.num_heads)  # (B, L, heads, head_dim)
+        v = split(self.v(x))
+        if identity:
+            return self.o(v.flatten(2))
+        q = apply_rope(split(self.norm_q(self.q(x))), rope)
+        k = apply_rope(split(self.norm_k(self.k(x))), rope)
+        return self.o(attention(q, k, v))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention: q from the video tokens, k and v from the 512 context tokens; no mask, no RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, context):
+        """x: (B, L, dim), context: (B, L_text, dim) -> (B, L, dim)."""
+        split = lambda t: rearrange(t, "b l (n d) -> b l n d", n=self.num_heads)
+        q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(context))), split(self.v(context))
+        return self.o(attention(q, k, v))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# block
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention, modulated FFN (native names: norm3 = cross-attn LN)."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e0, context, rope, identity_attn: bool = False):
+        """x: (B, L, dim); e0: (B, 1 or L, 6, dim) float32 time projection; context: (B, L_text, dim)."""
+        mod = (self.modulation.float() + e0).unbind(2)  # 6 x (B, 1 or L, dim), float32
+        shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
+        h = self.norm1(x.float()) * (1 + scale_sa) + shift_sa
+        x = x + (self.self_attn(h.type_as(x), rope, identity_attn).float() * gate_sa).type_as(x)
+        x = x + self.cross_attn(self.norm3(x.float()).type_as(x), context)
+        h = self.norm2(x.float()) * (1 + scale_ffn) + shift_ffn
+        x = x + (self.ffn(h.type_as(x)).float() * gate_ffn).type_as(x)
+        return x
+
+
+class Head(nn.Module):
+    """Output head, modulated by the time embedding e (no SiLU, no projection): LN -> shift/scale -> Linear."""
+
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x, e):
+        """x: (B, L, dim), e: (B, 1 or L, dim) float32 -> (B, L, out_features)."""
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # (B, 1 or L, dim) each
+        return self.head((self.norm(x.float()) * (1 + scale) + shift).type_as(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Wan DiT architecture, official native field names (WanModel constructor / config.json)."""
+    model_type: str = "t2v"
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+
+
+class WanModel(nn.Module):
+    """Wan DiT: patch embedding, time/text embeddings, a block loop with perturbation points, head, unpatchify."""
+
+    keep_fp32 = ("modulation", "time_embedding", "time_projection", "norm")  # kept float32 at any load dtype
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        c = self.config = config
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.blocks = nn.ModuleList(WanBlock(c.dim, c.ffn_dim, c.num_heads, c.eps) for _ in range(c.num_layers))
+        self.head = Head(c.dim, math.prod(c.patch_size) * c.out_dim, c.eps)
+
+    def layout(self, latent_shape) -> TokenLayout:
+        """The token layout of a latent (B, C, F, H, W)."""
+        pt, ph, pw = self.config.patch_size
+        _, _, f, h, w = latent_shape
+        return TokenLayout(frames=f // pt, height=h // ph, width=w // pw)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, perturb: Perturb | None = None,
+                branches: tuple[tuple[int, Perturb], ...] = ()) -> torch.Tensor:
+        """Predict the flow velocity v.
+
+        x: (B, in_dim, F, H, W) latent, H and W multiples of the patch size; t: (B,) timesteps on the 0..1000 scale,
+        or (B, L) per-token timesteps (Wan2.2); context: (B, text_len, text_dim) text embeddings, zero rows after each
+        prompt's real length (text.encode_text). perturb: what this pass changes (interventions.Perturb; None = a
+        clean pass). branches: extra passes ((row, Perturb), ...): each copies input row `row` and follows its own
+        Perturb from the first point where it differs from `perturb`; the blocks before that run once (shared
+        prefix). Returns v: (B + len(branches), out_dim, F, H, W) float32; branch outputs follow the B rows in order.
+        """
+        c, perturb = self.config, perturb or Perturb()
+        b = x.shape[0]
+        layout = self.layout(x.shape)
+        grid = (layout.frames, layout.height, layout.width)
+        for p in (perturb, *(p for _, p in branches)):
+            p.validate(c.num_layers, c.dim)
+
+        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (B, L, dim)
+        t = t.reshape(b, -1)  # (B, 1) or (B, L)
+        e = self.time_embedding(sinusoidal_embedding(t, c.freq_dim).float())  # (B, 1 or L, dim) float32
+        e0 = self.time_projection(e).unflatten(-1, (6, c.dim))  # (B, 1 or L, 6, dim)
+        context = self.text_embedding(context.to(h.dtype))  # (B, text_len, dim)
+        rope = rope_angles(grid, c.dim // c.num_heads, device=x.device)
+
+        # a group = rows that follow one Perturb: [h, e, e0, context, perturb]
+        groups = [[h, e, e0, context, perturb]]
+        points = [branch_point(perturb, p, c.num_layers) for _, p in branches]
+
+        def spawn(i, phase):
+            for (row, p), point in zip(branches, points):
+                if point == (i, phase):
+                    groups.append([g[row:row + 1] for g in groups[0][:4]] + [p])
+
+        for i, block in enumerate(self.blocks):
+            spawn(i, 0)
+            for g in groups:
+                skipped, identity = g[4].inside(i)
+                if not skipped:  # STG-R: a skipped block's output is its input
+                    g[0] = block(g[0], g[2], g[3], rope, identity_attn=identity)
+            spawn(i, 1)
+            for g in groups:
+                g[0] = g[4].after(i, g[0], layout)
+        spawn(c.num_layers, 0)
+
+        out = torch.cat([self.head(g[0], g[1]) for g in groups])  # (B + branches, L, prod(patch) * out_dim)
+        if branches:  # groups were appended in branch-point order: restore the order of `branches`
+            order = sorted(range(len(branches)), key=lambda j: points[j])
+            out = torch.cat([out[:b], out[b:][torch.argsort(torch.tensor(order))]])
+        pt, ph, pw = c.patch_size
+        out = rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+                        f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)  # (B', out_dim, F, H, W)
+        return out.float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named Wan model: architecture, companion VAE / text encoder sizes, official sampling defaults, and the
+    papers' method settings (STAS Tables A2-A3; channel / block indices are 0-based)."""
+    config: WanConfig
+    vae_dim: int = 96
+    text_encoder: str = "umt5-xxl"
+    steps: int = 50
+    shift: float = 5.0
+    guidance_scale: float = 5.0
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    fps: int = 16
+    stas: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "wan2.1-t2v-1.3b": Preset(WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+                              stas=dict(dims=(1188,), block=9, alpha=2.5, p=8.0, steps=20)),
+    "wan2.1-t2v-14b": Preset(WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+                             height=720, width=1280),
+    # the embedded default: a tiny Wan-architecture model, random weights (see pipeline.tiny_checkpoint)
+    "wan2.1-tiny": Preset(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32),
+                          vae_dim=8, text_encoder="tiny", steps=8, frames=9, height=64, width=64, fps=8,
+                          stas=dict(dims=(3,), block=1, alpha=2.5, p=8.0, steps=4)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+
+def from_diffusers(key: str) -> str:
+    """Rename one diffusers WanTransformer3DModel key to the native Wan key (models.md §2.4)."""
+    for old, new in (("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+                     ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+                     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+                     ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+                     ("condition_embedder.time_proj", "time_projection.1"),
+                     (".attn1.to_out.0.", ".self_attn.o."), (".attn2.to_out.0.", ".cross_attn.o."),
+                     (".attn1.to_", ".self_attn."), (".attn2.to_", ".cross_attn."),
+                     (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."),
+                     (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+                     (".norm2.", ".norm3."),  # diffusers norm2 is the cross-attn LN, native norm3
+                     (".scale_shift_table", ".modulation"), ("proj_out.", "head.head.")):
+        key = key.replace(old, new)
+    return "head.modulation" if key == "scale_shift_table" else key
+
+
+def detect_layout(keys) -> str:
+    """'native', 'comfy' (native keys with the `model.diffusion_model.` prefix) or 'diffusers', from the keys."""
+    keys = set(keys)
+    if "head.modulation" in keys:
+        return "native"
+    if "model.diffusion_model.head.modulation" in keys:
+        return "comfy"
+    if "scale_shift_table" in keys and "condition_embedder.time_proj.weight" in keys:
+        return "diffusers"
+    return "unknown"
+
+
+def find_transformer(path) -> list[Path]:
+    """The DiT weight files in a checkpoint folder (native root, diffusers `transformer/`) or a single file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder.")
+    if path.is_dir() and (path / "transformer").is_dir():
+        path = path / "transformer"
+    if path.is_dir():
+        index = sorted(path.glob("diffusion_pytorch_model*.safetensors.index.json"))
+        files = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
+        if not index and not files:
+            raise CheckpointError(f"{path}: no diffusion_pytorch_model*.safetensors here. Expected the native Wan "
+                                  "layout (Wan-AI/Wan2.1-T2V-1.3B), a diffusers folder with transformer/, or a "
+                                  "ComfyUI .safetensors file; see weights/README.md.")
+        return safetensors_files(index[0] if index else files[0] if len(files) == 1 else path)
+    return safetensors_files(path)
+
+
+def preset_from_state(sd) -> str | None:
+    """The preset whose shapes match a native state dict (dim, layers, in_dim), or None."""
+    dim, in_dim = sd["patch_embedding.weight"].shape[:2]
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for name, p in PRESETS.items():
+        if (p.config.dim, p.config.in_dim, p.config.num_layers) == (dim, in_dim, layers):
+            return name
+    return None
+
+
+def load_wan(path, preset: str | None = None, dtype: torch.dtype | None = None, device="cpu"):
+    """Load a Wan DiT from the native, diffusers or ComfyUI layout; returns (model, preset name, layout).
+
+    path: a checkpoint folder (native root with diffusion_pytorch_model*.safetensors [+ index], or a diffusers root /
+    `transformer/` folder) or a single .safetensors file (ComfyUI; keys with or without `model.diffusion_model.`).
+    preset: a key of PRESETS; None detects it from the weight shapes. dtype: parameter dtype (None: as stored;
+    modulation, time MLP and norms stay float32). Raises CheckpointError naming the file, the layout detected and
+    the missing / unexpected / mis-shaped keys.
+    """
+    files = find_transformer(path)
+    where = files[0] if len(files) == 1 else files[0].parent
+    raw = LazySafetensors(files)
+    layout = detect_layout(raw.keys())
+    if layout == "unknown":
+        raise CheckpointError(f"{where}: not a Wan DiT checkpoint (no head.modulation / scale_shift_table key; "
+                              f"first keys: {list(raw.keys())[:5]}). Layout detected: unknown.")
+    rename = {"native": lambda k: k, "comfy": lambda k: k.removeprefix("model.diffusion_model."),
+              "diffusers": from_diffusers}[layout]
+    sd = Renamed(raw, rename)
+    if preset is None:
+        preset = preset_from_state(sd)
+        if preset is None:
+            raise CheckpointError(f"{where}: no preset matches these weights (layout {layout}, patch_embedding "
+                                  f"{tuple(sd['patch_embedding.weight'].shape)}); pass --preset. Known: {list(PRESETS)}")
+    with torch.device("meta"):
+        model = WanModel(PRESETS[preset].config)
+    load_strict(model, sd, file=where, layout=layout, dtype=dtype, keep_fp32=WanModel.keep_fp32)
+    return model.to(device).eval().requires_grad_(False), preset, layout
