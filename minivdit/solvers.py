@@ -1,0 +1,190 @@
+"""Flow-matching sigma grids and ODE solvers (Euler, UniPC-bh2, DPM-Solver++ 2M), k-diffusion style.
+
+Sources: Wan-Video/Wan2.1 `wan/utils/fm_solvers_unipc.py` (FlowUniPCMultistepScheduler, the default Wan sampler)
+and `wan/utils/fm_solvers.py` (FlowDPMSolverMultistepScheduler, get_sampling_sigmas); diffusers
+`scheduling_unipc_multistep.py`, `scheduling_dpmsolver_multistep.py`, `scheduling_flow_match_euler_discrete.py`.
+Papers: UniPC (Zhao et al. 2023, arXiv:2302.04867), DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095).
+Facts: reference/models.md §2.8.
+
+Convention: sigma in [0, 1], x_sigma = (1 - sigma) x0 + sigma eps, the model predicts the velocity v = eps - x0, so
+x0 = x - sigma v. A solver only sees `denoise(x, sigma) -> v` (x float32, sigma a Python float, v like x) and walks
+an explicit grid `sigmas`: a float64 1-D tensor, decreasing, usually ending in 0.0. As in the references, the step
+math uses the grid cast to float32 (they store `sigmas.astype(np.float32)`), while `denoise` gets the float64 value
+so that `timestep(sigma)` truncates exactly like the official `(sigmas * 1000).astype(np.int64)`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+Denoise = Callable[[torch.Tensor, float], torch.Tensor]
+Callback = Callable[[dict], None]
+
+# ----------------------------------------------------------------------------------------------------------
+# grids (built with numpy in float64, like the references, so every value is bit-identical)
+
+
+def timestep(sigma) -> torch.Tensor:
+    """Model timestep for sigma: int64 tensor trunc(sigma * 1000), computed in float64 (official Wan, diffusers)."""
+    return (torch.as_tensor(sigma, dtype=torch.float64) * 1000).to(torch.int64)
+
+
+def shift_sigmas(sigmas, shift: float) -> torch.Tensor:
+    """Flow shift s*sigma / (1 + (s - 1)*sigma) (SD3 / Wan "shift"); float64, same shape as sigmas."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    return torch.from_numpy(shift * sigmas / (1 + (shift - 1) * sigmas))
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def wan_unipc_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """Official Wan UniPC grid: shift(linspace(sigma_max, 0, steps+1)[:-1]) then 0; (steps+1,) float64.
+
+    sigma_max = 0.999 rounded to float32 (0.99900001287...): FlowUniPCMultistepScheduler reads it with `.item()`
+    from its float32 1000-step base grid 1 - linspace(1, 1/1000, 1000)[::-1]; sigma_min = 0.0.
+    """
+    sigma_max = float(np.float32(1 - 1 / 1000))
+    return _append_zero(shift_sigmas(np.linspace(sigma_max, 0.0, steps + 1)[:-1], shift))
+
+
+def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """Official Wan DPM++ grid, `get_sampling_sigmas`: shift(linspace(1, 0, steps+1)[:steps]) then 0; first is 1.0."""
+    return _append_zero(shift_sigmas(np.linspace(1, 0, steps + 1)[:steps], shift))
+
+
+def diffusers_unipc_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """diffusers UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift) grid; (steps+1,) float64.
+
+    shift(linspace(1, 1/1000, steps+1)[:-1]), a first sigma within 1e-6 of 1 lowered by 1e-6 (keeps log(1 - sigma)
+    finite), then 0.
+    """
+    sigmas = shift_sigmas(np.linspace(1, 1 / 1000, steps + 1)[:-1], shift)
+    if abs(sigmas[0].item() - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    return _append_zero(sigmas)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# solvers
+
+
+def _lambda(sigma: torch.Tensor) -> torch.Tensor:
+    """Half log-SNR log(alpha / sigma) with alpha = 1 - sigma; -inf at sigma = 1, +inf at sigma = 0."""
+    return torch.log(1 - sigma) - torch.log(sigma)
+
+
+def _check(sigmas: torch.Tensor) -> torch.Tensor:
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of at least 2 values, got shape {tuple(sigmas.shape)}")
+    return sigmas.to(torch.float32)  # the references' step math runs on float32 sigmas
+
+
+@torch.no_grad()
+def sample_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None):
+    """Flow Euler x += (sigma_next - sigma) v (diffusers FlowMatchEulerDiscreteScheduler). x: latent, float32."""
+    s = _check(sigmas)
+    x = x.to(torch.float32)
+    for i in range(len(sigmas) - 1):
+        v = denoise(x, sigmas[i].item())
+        if callback is not None:
+            callback({"i": i, "sigma": sigmas[i].item(), "x": x, "x0": x - s[i] * v})
+        x = x + (s[i + 1] - s[i]) * v
+    return x
+
+
+def _unipc_bh2(x, ms, lams, sigma, sigma_next, lam_next, m_next=None):
+    """One UniP step (m_next None) or UniC correction of UniPC-bh2 in x0 form; diffusers multistep_uni_{p,c}_bh_update.
+
+    x is the sample at `sigma`, ms / lams the x0 predictions and lambdas at the last p grid points (oldest first,
+    the newest at `sigma`); returns the sample at `sigma_next`. The corrector also uses m_next, the fresh x0
+    prediction at sigma_next, and solves the full p x p system; the predictor its leading (p-1) x (p-1) block.
+    """
+    p, m0, lam0 = len(ms), ms[-1], lams[-1]
+    alpha_next = 1 - sigma_next
+    hh = -(lam_next - lam0)  # -h
+    h_phi_1 = torch.expm1(hh)  # e^{-h} - 1
+    B_h = torch.expm1(hh)  # bh2: B(h) = e^{-h} - 1
+    rks = [(lam_k - lam0) / -hh for lam_k in reversed(lams[:-1])]  # r_k = (lambda_{-k} - lambda_0) / h
+    D1s = [(m_k - m0) / r_k for m_k, r_k in zip(reversed(ms[:-1]), rks)]
+    R = torch.stack([torch.pow(torch.stack(rks + [torch.ones(())]), j) for j in range(p)])  # (p, p), rows r^j
+    b, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1  # b_j = j! h phi_{j+1}(h) / B(h)
+    for j in range(1, p + 1):
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= j + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    b = torch.stack(b)
+
+    x_next = sigma_next / sigma * x - alpha_next * h_phi_1 * m0
+    if m_next is None:  # UniP predictor
+        if p == 1:
+            return x_next
+        # order 2 uses rho = 0.5 as the references do (not the solved b_1 / 1, which is close to it)
+        rhos = torch.tensor([0.5]) if p == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        return x_next - alpha_next * B_h * sum(r * d for r, d in zip(rhos, D1s))
+    rhos = torch.tensor([0.5]) if p == 1 else torch.linalg.solve(R, b)  # UniC corrector
+    res = sum(r * d for r, d in zip(rhos[:-1], D1s))
+    return x_next - alpha_next * B_h * (res + rhos[-1] * (m_next - m0))
+
+
+@torch.no_grad()
+def sample_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
+                 order: int = 2):
+    """UniPC-bh2 multistep (official Wan FlowUniPCMultistepScheduler = diffusers UniPCMultistepScheduler, flow).
+
+    predict_x0, UniC corrector at every step i >= 1 (disable_corrector=[]), lower_order_final. Step i's predictor
+    has order min(order, i + 1, N - i) for N = len(sigmas) - 1 steps (warm-up; last step 1st order: with order 2,
+    3 steps are orders 1, 2, 1 and 4 steps 1, 2, 2, 1); the corrector at step i reuses step i-1's order.
+    x: latent, float32; sigmas: (N + 1,) with sigmas[0] < 1 (lambda is -inf at sigma = 1). Returns x at sigmas[-1].
+    """
+    s = _check(sigmas)
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    if sigmas[0] >= 1:
+        raise ValueError(f"UniPC needs sigmas[0] < 1 (log(1 - sigma) = -inf), got {sigmas[0].item()}")
+    n = len(sigmas) - 1
+    lam = [_lambda(si) for si in s]  # one 0-d float32 at a time, as the references compute them
+    x = x.to(torch.float32)
+    ms, x_prev, p_prev = [], None, 0  # history: last `order` x0 predictions; sample and order of the last step
+    for i in range(n):
+        v = denoise(x, sigmas[i].item())
+        m = x - s[i] * v  # x0 prediction
+        if callback is not None:
+            callback({"i": i, "sigma": sigmas[i].item(), "x": x, "x0": m})
+        if i > 0:  # UniC: redo the last step with the fresh m
+            x = _unipc_bh2(x_prev, ms[-p_prev:], lam[i - p_prev:i], s[i - 1], s[i], lam[i], m_next=m)
+        ms = (ms + [m])[-order:]
+        p = min(order, i + 1, n - i)
+        x_prev, p_prev = x, p
+        x = _unipc_bh2(x, ms[-p:], lam[i + 1 - p:i + 1], s[i], s[i + 1], lam[i + 1])
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None):
+    """DPM-Solver++(2M), midpoint, in x0 form (official Wan FlowDPMSolverMultistepScheduler, diffusers DPMSolver++).
+
+    The first step (warm-up) and the last step (lower_order_final, final sigma zero) are 1st order (DDIM).
+    x: latent, float32; sigmas: (N + 1,); sigmas[0] = 1.0 is allowed. Returns x at sigmas[-1].
+    """
+    s = _check(sigmas)
+    n = len(sigmas) - 1
+    x = x.to(torch.float32)
+    m_prev = lam_prev = None
+    for i in range(n):
+        v = denoise(x, sigmas[i].item())
+        m = x - s[i] * v  # x0 prediction
+        if callback is not None:
+            callback({"i": i, "sigma": sigmas[i].item(), "x": x, "x0": m})
+        lam, lam_next = _lambda(s[i]), _lambda(s[i + 1])
+        h = lam_next - lam
+        coef = (1 - s[i + 1]) * (torch.exp(-h) - 1.0)  # alpha_next (e^{-h} - 1)
+        x_next = (s[i + 1] / s[i]) * x - coef * m
+        if 0 < i < n - 1:  # 2nd order: D1 = (m - m_prev) / r with r = h_prev / h
+            r = (lam - lam_prev) / h
+            x_next = x_next - 0.5 * coef * ((1.0 / r) * (m - m_prev))
+        x, m_prev, lam_prev = x_next, m, lam
+    return x
