@@ -98,6 +98,23 @@ def umt5_from_native(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def umt5_to_native(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`UMT5EncoderModel` names -> native Wan names (the tied `encoder.embed_tokens.weight` is dropped): the inverse
+    of `umt5_from_native`, used to write checkpoints in the official `models_t5_umt5-xxl-enc-bf16.pth` layout."""
+    top = {v: k for k, v in TOP_RENAMES.items()}
+    block = {v: k for k, v in BLOCK_RENAMES.items()}
+    out = {}
+    for k, v in sd.items():
+        if k == TIED:
+            continue
+        if k in top:
+            out[top[k]] = v
+        else:
+            _, _, i, rest = k.split(".", 3)  # encoder.block.{i}.<rest>
+            out[f"blocks.{i}.{block[rest]}"] = v
+    return out
+
+
 class _View(Mapping):
     """`base` without the `drop` keys, with `extra` tensors added; tensors of `base` are read only on access."""
 

@@ -347,15 +347,9 @@ def preset_from_state(sd) -> str | None:
     return None
 
 
-def load_wan(path, preset: str | None = None, dtype: torch.dtype | None = None, device="cpu"):
-    """Load a Wan DiT from the native, diffusers or ComfyUI layout; returns (model, preset name, layout).
-
-    path: a checkpoint folder (native root with diffusion_pytorch_model*.safetensors [+ index], or a diffusers root /
-    `transformer/` folder) or a single .safetensors file (ComfyUI; keys with or without `model.diffusion_model.`).
-    preset: a key of PRESETS; None detects it from the weight shapes. dtype: parameter dtype (None: as stored;
-    modulation, time MLP and norms stay float32). Raises CheckpointError naming the file, the layout detected and
-    the missing / unexpected / mis-shaped keys.
-    """
+def open_wan(path, preset: str | None = None):
+    """Read a Wan DiT checkpoint's keys and shapes (no weights yet): (lazy native-named state dict, layout, preset,
+    file). Detects the layout from the keys and, if preset is None, the preset from the shapes."""
     files = find_transformer(path)
     where = files[0] if len(files) == 1 else files[0].parent
     raw = LazySafetensors(files)
@@ -371,6 +365,21 @@ def load_wan(path, preset: str | None = None, dtype: torch.dtype | None = None, 
         if preset is None:
             raise CheckpointError(f"{where}: no preset matches these weights (layout {layout}, patch_embedding "
                                   f"{tuple(sd['patch_embedding.weight'].shape)}); pass --preset. Known: {list(PRESETS)}")
+    elif preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    return sd, layout, preset, where
+
+
+def load_wan(path, preset: str | None = None, dtype: torch.dtype | None = None, device="cpu"):
+    """Load a Wan DiT from the native, diffusers or ComfyUI layout; returns (model, preset name, layout).
+
+    path: a checkpoint folder (native root with diffusion_pytorch_model*.safetensors [+ index], or a diffusers root /
+    `transformer/` folder) or a single .safetensors file (ComfyUI; keys with or without `model.diffusion_model.`).
+    preset: a key of PRESETS; None detects it from the weight shapes. dtype: parameter dtype (None: as stored;
+    modulation, time MLP and norms stay float32). Raises CheckpointError naming the file, the layout detected and
+    the missing / unexpected / mis-shaped keys.
+    """
+    sd, layout, preset, where = open_wan(path, preset)
     with torch.device("meta"):
         model = WanModel(PRESETS[preset].config)
     load_strict(model, sd, file=where, layout=layout, dtype=dtype, keep_fp32=WanModel.keep_fp32)
