@@ -1,62 +1,199 @@
-"""Guidance: which model passes run at each step, and a pure function combining their predictions.
+"""Guidance: which model passes run at each step, and pure functions combining their predictions.
 
-Every method sees the same two base passes, cond (row 0) and uncond (row 1), batched in one forward. STAS edits both
+Every method sees the same base passes, cond (row 0) and uncond (row 1), batched in one forward. STAS edits both
 (it adds no pass); DG and STG add one branch pass that shares the blocks before its branch point (shared prefix).
-Predictions are velocities v; a combine function maps named predictions to the v the solver integrates.
+Predictions are velocities v; the combine functions below map named predictions to the v the solver integrates.
 
-References: CFG (Ho & Salimans 2022); STAS (Sec. 5, Alg. 1); DG (Eq. 4-5); STG (appendix Alg. 1, 4, and the official
-junhahyung/STGuidance form); CFG-Zero* (Fan et al. 2025); APG (Sadat et al. 2024).
+References: CFG (Ho & Salimans 2022); STAS (Sec. 5, Alg. 1); DG (Eq. 4-5); STG (appendix Alg. 1 and 4; official
+junhahyung/STGuidance `Wan2.1/pipeline.py`); CFG-Zero* (Fan et al. 2025, Eq. 9 and zero-init); APG (Sadat et al.
+2024, Alg. 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .interventions import Perturb, Steer
+from .interventions import Perturb, Steer, Zero
+
+# ----------------------------------------------------------------------------------------------------------
+# pure combine functions; every tensor is (B, C, F, H, W)
 
 
-def cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance v = v_uncond + g (v_cond - v_uncond)."""
+def cfg(v_cond, v_uncond, guidance_scale: float):
+    """Classifier-free guidance: v = v_uncond + g (v_cond - v_uncond)."""
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
-METHODS = ("cfg",)
+def dg(v_cond, v_uncond, v_degraded, guidance_scale: float, w: float):
+    """Detail guidance (DG Eq. 5): v = v_uncond + g (v_cond - v_uncond) + w (v_cond - v_degraded).
+
+    The paper writes Eq. 5 as D_c + lambda (D_c - D_u) + w (D_c - D_m); that is this formula with lambda = g - 1, so
+    g = 1 (no CFG) gives Eq. 4: v = v_cond + w (v_cond - v_degraded).
+    """
+    return cfg(v_cond, v_uncond, guidance_scale) + w * (v_cond - v_degraded)
+
+
+def rescale_std(v, v_ref, rescale: float):
+    """STG Algorithm 4: scale v by r * std(v_ref)/std(v) + (1 - r), stds per sample over (C, F, H, W)."""
+    dims = tuple(range(1, v.ndim))
+    factor = v_ref.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True)
+    return v * (rescale * factor + (1 - rescale))
+
+
+def stg(v_cond, v_uncond, v_perturbed, guidance_scale: float, s: float, rescale: float = 0.0):
+    """STG with CFG (STG appendix Alg. 1 + 4): v = v_uncond + g (v_cond - v_uncond) + s (v_cond - v_perturbed),
+    then, if rescale > 0, its std pulled towards std(v_cond)."""
+    v = cfg(v_cond, v_uncond, guidance_scale) + s * (v_cond - v_perturbed)
+    return rescale_std(v, v_cond, rescale) if rescale > 0 else v
+
+
+def stg_official(v_cond, v_uncond, v_perturbed_uncond, guidance_scale: float, s: float):
+    """The official STGuidance Wan form: v_cfg + s (v_cfg - v_perturbed), the perturbed pass on the negative prompt."""
+    v = cfg(v_cond, v_uncond, guidance_scale)
+    return v + s * (v - v_perturbed_uncond)
+
+
+def cfg_zero_star(v_cond, v_uncond, guidance_scale: float):
+    """CFG-Zero* (Eq. 9): s* = <v_cond, v_uncond> / |v_uncond|^2 per sample; v = s* v_uncond + g (v_cond - s* v_uncond)."""
+    c, u = v_cond.flatten(1), v_uncond.flatten(1)
+    s = ((c * u).sum(1) / (u * u).sum(1).clamp_min(1e-8)).view(-1, *[1] * (v_cond.ndim - 1))
+    return cfg(v_cond, s * v_uncond, guidance_scale)
+
+
+def apg(x0_cond, x0_uncond, guidance_scale: float, eta: float, norm_threshold: float, running=None, momentum=0.0):
+    """APG on denoised predictions (APG Alg. 1): x0 = x0_cond + (g - 1) (d_orth + eta d_par), d = x0_cond - x0_uncond.
+
+    running: the momentum average from the previous step (None at the first); d <- d + momentum * running. The
+    update is rescaled to norm <= norm_threshold (0: off) and split into parts parallel / orthogonal to x0_cond.
+    Returns (x0, new running average).
+    """
+    d = x0_cond - x0_uncond
+    if running is not None:
+        d = d + momentum * running
+    running = d
+    dims = tuple(range(1, d.ndim))
+    if norm_threshold > 0:
+        d = d * (norm_threshold / d.norm(dim=dims, keepdim=True)).clamp(max=1.0)
+    unit = torch.nn.functional.normalize(x0_cond.double().flatten(1), dim=1).view_as(x0_cond)
+    par = ((d.double() * unit).sum(dims, keepdim=True) * unit).to(d.dtype)
+    return x0_cond + (guidance_scale - 1) * (d - par + eta * par), running
+
+
+# ----------------------------------------------------------------------------------------------------------
+# methods
+
+METHODS = ("cfg", "cfg-zero*", "apg", "dg", "stg", "stg-official")
 
 
 @dataclass(frozen=True)
 class Guidance:
-    """A guidance method and its parameters.
+    """A guidance method and its parameters; any method can add STAS.
 
-    method: one of METHODS. guidance_scale: the CFG scale g (1 = cond only).
-    stas: STAS steering (interventions.Steer) applied to both CFG passes during the first `stas_steps` steps (K), or
-    None.
+    method: one of METHODS. guidance_scale: the CFG scale g (lambda in the papers' CFG form).
+    stas / stas_steps: STAS steering (interventions.Steer) on both CFG passes during the first K steps (Alg. 1).
+    dg / dg_scale: DG's degraded model (interventions.Zero: MA channels zeroed at block m) and its weight w.
+    stg_blocks / stg_mode / stg_scale / stg_rescale: STG's perturbed blocks, 'R' (skip the block) or 'A' (identity
+    self-attention map), its scale s, and the Algorithm 4 rescaling factor (0 = off; 'stg' only).
+    zero_init_steps: CFG-Zero*'s first steps whose velocity is 0. apg_eta / apg_norm_threshold / apg_momentum: APG.
+    capture: called as capture(block, h) with every block output of the base batch (massive-activation analysis).
     """
     method: str = "cfg"
     guidance_scale: float = 5.0
     stas: Steer | None = None
     stas_steps: int = 0
+    dg: Zero | None = None
+    dg_scale: float = 1.0
+    stg_blocks: tuple[int, ...] = ()
+    stg_mode: str = "R"
+    stg_scale: float = 1.0
+    stg_rescale: float = 0.0
+    zero_init_steps: int = 1
+    apg_eta: float = 0.0
+    apg_norm_threshold: float = 0.0
+    apg_momentum: float = -0.5
+    capture: Callable[[int, torch.Tensor], None] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown guidance method {self.method!r}; choose one of {METHODS}")
         if self.stas_steps < 0:
-            raise ValueError(f"stas_steps (K) = {self.stas_steps} must be >= 0")
+            raise ValueError(f"STAS K = {self.stas_steps} must be >= 0")
+        if self.method == "dg" and self.dg is None:
+            raise ValueError("method 'dg' needs `dg` (the MA channels and the block m to zero them at)")
+        if self.method.startswith("stg") and not self.stg_blocks:
+            raise ValueError(f"method {self.method!r} needs stg_blocks (the blocks to perturb)")
+        if self.stg_mode not in ("R", "A"):
+            raise ValueError(f"stg_mode must be 'R' (skip blocks) or 'A' (identity attention), got {self.stg_mode!r}")
+        if not 0 <= self.stg_rescale <= 1:
+            raise ValueError(f"stg_rescale = {self.stg_rescale} must be in [0, 1]")
 
     def check(self, steps: int, num_layers: int, dim: int) -> None:
-        """Raise ValueError for settings that do not fit the run (K > steps, block / channel out of range)."""
+        """Raise ValueError for settings that do not fit the run (K > steps, block or channel out of range)."""
         if self.stas_steps > steps:
-            raise ValueError(f"STAS K = {self.stas_steps} steps exceeds the {steps} sampling steps")
+            raise ValueError(f"STAS K = {self.stas_steps} exceeds the {steps} sampling steps; use K <= {steps}")
         base, branches, _ = self.passes(0)
         for p in (base, *(p for _, p in branches)):
             p.validate(num_layers, dim)
 
     def passes(self, i: int) -> tuple[Perturb, tuple[tuple[int, Perturb], ...], tuple[str, ...]]:
-        """Step i's passes: the Perturb of the [cond, uncond] batch, extra branch passes ((row, Perturb), ...), and
-        the names of the branch predictions."""
-        base = Perturb(steer=self.stas if self.stas is not None and i < self.stas_steps else None)
+        """Step i's passes: the Perturb of the [cond, uncond] batch, the branch passes ((row, Perturb), ...) and
+        the names of the branch predictions. A branch with zero weight is not run."""
+        steer = self.stas if self.stas is not None and i < self.stas_steps else None
+        base = Perturb(steer=steer, capture=self.capture)
+        clean = replace(base, capture=None)
+        if self.method == "dg" and self.dg_scale != 0:
+            return base, ((0, replace(clean, zero=self.dg)),), ("degraded",)
+        if self.method.startswith("stg") and self.stg_scale != 0:
+            blocks = frozenset(self.stg_blocks)
+            p = replace(clean, skip=blocks) if self.stg_mode == "R" else replace(clean, identity_attn=blocks)
+            return base, ((1 if self.method == "stg-official" else 0, p),), ("perturbed",)
         return base, (), ()
 
-    def combine(self, preds: dict[str, torch.Tensor], state: dict) -> torch.Tensor:
-        """Named predictions {'cond', 'uncond', ...} (each (B, C, F, H, W)) -> the guided velocity."""
-        return cfg(preds["cond"], preds["uncond"], self.guidance_scale)
+    def combine(self, preds: dict[str, torch.Tensor], x: torch.Tensor, sigma: float, i: int, state: dict):
+        """Named predictions {'cond', 'uncond', 'degraded' | 'perturbed'} at step i, sigma -> the guided velocity.
+
+        x: the current latent (APG works on x0 = x - sigma v); state: per-run memory (APG's momentum average).
+        """
+        c, u, g = preds["cond"], preds["uncond"], self.guidance_scale
+        if self.method == "dg" and "degraded" in preds:
+            return dg(c, u, preds["degraded"], g, self.dg_scale)
+        if self.method == "stg" and "perturbed" in preds:
+            return stg(c, u, preds["perturbed"], g, self.stg_scale, self.stg_rescale)
+        if self.method == "stg-official" and "perturbed" in preds:
+            return stg_official(c, u, preds["perturbed"], g, self.stg_scale)
+        if self.method == "cfg-zero*":
+            return torch.zeros_like(c) if i < self.zero_init_steps else cfg_zero_star(c, u, g)
+        if self.method == "apg":
+            x0, state["apg"] = apg(x - sigma * c, x - sigma * u, g, self.apg_eta, self.apg_norm_threshold,
+                                   state.get("apg"), self.apg_momentum)
+            return (x - x0) / sigma
+        return cfg(c, u, g)
+
+    def passes_per_step(self) -> int:
+        """Model passes per step (a shared-prefix branch counts as one)."""
+        return 2 + len(self.passes(0)[1])
+
+
+def from_preset(preset, method: str = "cfg", stas: bool = False, **overrides) -> Guidance:
+    """A Guidance from a model preset's settings (wan.Preset: guidance_scale, stas, dg, stg), with overrides.
+
+    stas: add STAS with the preset's STAS Table A2-A3 settings. overrides (None values are ignored, so a command line
+    can pass every option): `stas_<field>` sets a Steer field (alpha, p, tokens, rule, omega, block, dims) and
+    `stas_steps` sets K; `dg_block` / `dg_dims` set the degraded model; any other key is a Guidance field.
+    """
+    o = {k: v for k, v in overrides.items() if v is not None}
+    kw = dict(method=method, guidance_scale=o.pop("guidance_scale", preset.guidance_scale))
+    if method == "dg":
+        kw.update(dg=Zero(block=o.pop("dg_block", preset.dg["block"]), dims=tuple(o.pop("dg_dims", preset.dg["dims"]))),
+                  dg_scale=preset.dg["scale"])
+    if method.startswith("stg"):
+        kw.update(stg_blocks=tuple(preset.stg["blocks"]), stg_mode=preset.stg["mode"], stg_scale=preset.stg["scale"])
+    steer = {k[5:]: o.pop(k) for k in list(o) if k.startswith("stas_") and k != "stas_steps"}
+    if stas:
+        s = {k: v for k, v in preset.stas.items() if k != "steps"}
+        kw["stas_steps"] = o.pop("stas_steps", preset.stas["steps"])
+        kw["stas"] = Steer(**{**s, **steer, "dims": tuple(steer.get("dims", s["dims"]))})
+    o.pop("stas_steps", None)
+    return Guidance(**{**kw, **o})

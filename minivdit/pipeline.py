@@ -151,11 +151,12 @@ class WanPipeline:
         state: dict = {}
 
         def denoise(x, sigma):
-            perturb, branches, names = guidance.passes(step[sigma])
+            i = step[sigma]
+            perturb, branches, names = guidance.passes(i)
             t = solvers.timestep(sigma).to(x.device).expand(2)  # int64 model timestep, both rows
             v = self.model(x.expand(2, *x.shape[1:]), t, context, perturb, branches)  # (2 + branches, C, F, H, W)
             preds = dict(zip(("cond", "uncond", *names), v[:, None].unbind(0)))
-            return guidance.combine(preds, state)
+            return guidance.combine(preds, x, sigma, i, state)
 
         return denoise
 

@@ -272,17 +272,30 @@ class Preset:
     width: int = 832
     fps: int = 16
     stas: dict = field(default_factory=dict)
+    dg: dict = field(default_factory=dict)
+    stg: dict = field(default_factory=dict)
 
+
+# STAS Tables A2-A3 (MA channel, block m as a 0-based index into the block list, alpha, p in %, K steps); the Wan2.2
+# and CogVideoX rows are stored for the model families that plug in later.
+STAS_TABLE = {"wan2.1-t2v-1.3b": dict(dims=(1188,), block=9, alpha=2.5, p=8.0, steps=20),
+              "wan2.2-ti2v-5b": dict(dims=(1938,), block=9, alpha=2.0, p=12.0, steps=20),
+              "cogvideox-5b": dict(dims=(1982,), block=8, alpha=1.2, p=8.0, steps=20)}
 
 PRESETS = {
+    # STAS: Tables A2-A3. DG: the STAS MA channel zeroed at the STAS block, w = 1 (DG Table 5's CFG+DG weight; the DG
+    # paper has no video model). STG: the official STGuidance Wan default, block 2 skipped (STG-R), scale 1.
     "wan2.1-t2v-1.3b": Preset(WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-                              stas=dict(dims=(1188,), block=9, alpha=2.5, p=8.0, steps=20)),
+                              stas=STAS_TABLE["wan2.1-t2v-1.3b"],
+                              dg=dict(dims=(1188,), block=9, scale=1.0),
+                              stg=dict(blocks=(2,), mode="R", scale=1.0)),
     "wan2.1-t2v-14b": Preset(WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-                             height=720, width=1280),
+                             height=720, width=1280, stg=dict(blocks=(2,), mode="R", scale=1.0)),
     # the embedded default: a tiny Wan-architecture model, random weights (see pipeline.tiny_checkpoint)
     "wan2.1-tiny": Preset(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32),
                           vae_dim=8, text_encoder="tiny", steps=8, frames=9, height=64, width=64, fps=8,
-                          stas=dict(dims=(3,), block=1, alpha=2.5, p=8.0, steps=4)),
+                          stas=dict(dims=(3,), block=1, alpha=2.5, p=8.0, steps=4),
+                          dg=dict(dims=(3,), block=1, scale=1.0), stg=dict(blocks=(2,), mode="R", scale=1.0)),
 }
 
 
