@@ -185,15 +185,30 @@ def from_preset(preset, method: str = "cfg", stas: bool = False, **overrides) ->
     """
     o = {k: v for k, v in overrides.items() if v is not None}
     kw = dict(method=method, guidance_scale=o.pop("guidance_scale", preset.guidance_scale))
+
+    def settings(name, fields):  # the preset's dict for a method, overridden by `<name>_<field>` arguments
+        d = {**getattr(preset, name), **{f: o.pop(f"{name}_{f}") for f in fields if f"{name}_{f}" in o}}
+        missing = [f for f in fields if f not in d]
+        if missing:
+            raise ValueError(f"this preset has no {name.upper()} settings: give " +
+                             ", ".join(f"--{name}-{f}" for f in missing))
+        return d
     if method == "dg":
-        kw.update(dg=Zero(block=o.pop("dg_block", preset.dg["block"]), dims=tuple(o.pop("dg_dims", preset.dg["dims"]))),
-                  dg_scale=preset.dg["scale"])
+        d = settings("dg", ("block", "dims", "scale"))
+        kw.update(dg=Zero(block=d["block"], dims=tuple(d["dims"])), dg_scale=d["scale"])
     if method.startswith("stg"):
-        kw.update(stg_blocks=tuple(preset.stg["blocks"]), stg_mode=preset.stg["mode"], stg_scale=preset.stg["scale"])
+        d = settings("stg", ("blocks", "mode", "scale"))
+        kw.update(stg_blocks=tuple(d["blocks"]), stg_mode=d["mode"], stg_scale=d["scale"])
     steer = {k[5:]: o.pop(k) for k in list(o) if k.startswith("stas_") and k != "stas_steps"}
     if stas:
-        s = {k: v for k, v in preset.stas.items() if k != "steps"}
-        kw["stas_steps"] = o.pop("stas_steps", preset.stas["steps"])
-        kw["stas"] = Steer(**{**s, **steer, "dims": tuple(steer.get("dims", s["dims"]))})
-    o.pop("stas_steps", None)
+        d = settings("stas", ("steps",))
+        kw["stas_steps"] = d.pop("steps")
+        d.update(steer)
+        if "dims" not in d or "block" not in d:
+            raise ValueError("this preset has no STAS channels / block: give --stas-dims and --stas-block "
+                             "(samplers/analyze.py finds MA channels)")
+        kw["stas"] = Steer(**{**d, "dims": tuple(d["dims"])})
+    unused = ([] if stas else [f"stas_{k}" for k in steer]) + [k for k in ("dg_block", "dg_dims") if k in o]
+    if unused:
+        raise ValueError(f"options {unused} do not apply to method {method!r}" + ("" if stas else " without --stas"))
     return Guidance(**{**kw, **o})
