@@ -54,6 +54,13 @@ class LazySafetensors(Mapping):
             raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}). The file is truncated or corrupt: "
                                   "download it again.") from None
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape from the file header, without reading the tensor."""
+        f = self.where[key]
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, framework="pt", device="cpu")
+        return tuple(self._handles[f].get_slice(key).get_shape())
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
 
@@ -69,6 +76,9 @@ class Renamed(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.sd[self.names[key]]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return shape_of(self.sd, self.names[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -140,13 +150,18 @@ def _short(keys: list[str], n: int = 12) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def shape_of(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """A tensor's shape, from the file header when the mapping can tell it without reading the tensor."""
+    return sd.shape(key) if hasattr(sd, "shape") else tuple(sd[key].shape)
+
+
 def check_keys(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, file, layout: str) -> None:
     """Raise `CheckpointError` naming the file, the layout and the missing / unexpected / mis-shaped keys."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}" for k in expected
-              if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    shapes = [f"{k} {shape_of(sd, k)} != {tuple(expected[k].shape)}" for k in expected
+              if k in sd and shape_of(sd, k) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
         lines = [f"{file}: checkpoint does not match {type(module).__name__} (layout detected: {layout})."]
         if missing:

@@ -111,24 +111,41 @@ def find_checkpoint(path, vae=None, text_encoder=None, tokenizer=None) -> dict:
     return found
 
 
-class WanPipeline:
-    """A loaded Wan text-to-video model: DiT, VAE, text encoder and tokenizer, plus where they came from."""
+def load_text(found: dict, preset: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+    """The tokenizer and umt5 encoder of a checkpoint (`find_checkpoint`); umt5-xxl unless the preset is tiny."""
+    tok = load_tokenizer(found["tokenizer"])
+    path = Path(found["text_encoder"])
+    config = tiny_umt5_config(len(tok)) if PRESETS[preset].text_encoder == "tiny" else \
+        None if path.is_dir() else umt5_xxl_config()  # a transformers folder brings its config.json
+    return tok, load_text_encoder(path, config=config, dtype=dtype, device=device)
 
-    def __init__(self, model: WanModel, vae: WanVAE, text_encoder, tokenizer, preset: str, info: dict):
+
+def encode_prompts(found: dict, preset: str, prompts: list[str], dtype: torch.dtype = torch.bfloat16,
+                   device="cpu") -> torch.Tensor:
+    """Encode prompts with a text encoder that is loaded for this call only, so that its memory (11 GB for
+    umt5-xxl in bf16) is never held together with the DiT's. Returns (B, text_len, text_dim) float32."""
+    tok, enc = load_text(found, preset, dtype, device)
+    return encode_text(prompts, tok, enc, PRESETS[preset].config.text_len, device=device)
+
+
+class WanPipeline:
+    """A loaded Wan text-to-video model: DiT, VAE, optionally the text encoder and tokenizer, and their sources."""
+
+    def __init__(self, model: WanModel, vae: WanVAE | None, text_encoder, tokenizer, preset: str, info: dict):
         self.model, self.vae, self.text_encoder, self.tokenizer = model, vae, text_encoder, tokenizer
         self.preset, self.info = PRESETS[preset], dict(info, preset=preset)
 
     @classmethod
     def load(cls, path, preset: str | None = None, vae=None, text_encoder=None, tokenizer=None,
-             dtype: torch.dtype | None = None, text_dtype: torch.dtype = torch.bfloat16, device="cpu"):
-        """Load all components (see `find_checkpoint`); dtype: DiT parameter dtype (None: as stored)."""
+             dtype: torch.dtype | None = None, text_dtype: torch.dtype = torch.bfloat16, device="cpu",
+             with_text_encoder: bool = True):
+        """Load the components of a checkpoint (see `find_checkpoint`); dtype: DiT parameter dtype (None: as stored).
+
+        with_text_encoder=False leaves the text encoder out: pass `context` from `encode_prompts` to `sample`.
+        """
         found = find_checkpoint(path, vae, text_encoder, tokenizer)
-        tok = load_tokenizer(found["tokenizer"])
         model, preset, dit_layout = load_wan(found["transformer"], preset=preset, dtype=dtype, device=device)
-        config = tiny_umt5_config(len(tok)) if PRESETS[preset].text_encoder == "tiny" else None
-        if config is None and not Path(found["text_encoder"]).is_dir():
-            config = umt5_xxl_config()
-        enc = load_text_encoder(found["text_encoder"], config=config, dtype=text_dtype, device=device)
+        tok, enc = load_text(found, preset, text_dtype, device) if with_text_encoder else (None, None)
         vae_model = load_wan_vae(found["vae"], dtype=torch.float32, device=device)
         info = {"checkpoint": str(Path(path).resolve()), "layout": found["layout"], "dit_layout": dit_layout,
                 **{k: str(Path(found[k]).resolve()) for k in ("vae", "text_encoder", "tokenizer")}}

@@ -18,7 +18,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from .attention import attention
-from .checkpoints import CheckpointError, LazySafetensors, Renamed, load_strict, safetensors_files
+from .checkpoints import CheckpointError, LazySafetensors, Renamed, load_strict, safetensors_files, shape_of
 from .interventions import Perturb, TokenLayout, branch_point
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ def find_transformer(path) -> list[Path]:
 
 def preset_from_state(sd) -> str | None:
     """The preset whose shapes match a native state dict (dim, layers, in_dim), or None."""
-    dim, in_dim = sd["patch_embedding.weight"].shape[:2]
+    dim, in_dim = shape_of(sd, "patch_embedding.weight")[:2]
     layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for name, p in PRESETS.items():
         if (p.config.dim, p.config.in_dim, p.config.num_layers) == (dim, in_dim, layers):
@@ -377,7 +377,7 @@ def open_wan(path, preset: str | None = None):
         preset = preset_from_state(sd)
         if preset is None:
             raise CheckpointError(f"{where}: no preset matches these weights (layout {layout}, patch_embedding "
-                                  f"{tuple(sd['patch_embedding.weight'].shape)}); pass --preset. Known: {list(PRESETS)}")
+                                  f"{shape_of(sd, 'patch_embedding.weight')}); pass --preset. Known: {list(PRESETS)}")
     elif preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     return sd, layout, preset, where

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from minivdit.guidance import METHODS, Guidance, from_preset  # noqa: E402
-from minivdit.pipeline import SampleConfig, WanPipeline, find_checkpoint, sidecar, tiny_checkpoint  # noqa: E402
+from minivdit.pipeline import SampleConfig, WanPipeline, encode_prompts, find_checkpoint, sidecar, tiny_checkpoint  # noqa: E402
+from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
 from minivdit.video import check_output, to_uint8, write_json, write_mp4  # noqa: E402
 from minivdit.wan import PRESETS, open_wan  # noqa: E402
 
@@ -94,9 +95,11 @@ def main(argv=None):
     out = check_output(args.output, args.overwrite)
 
     start = time.perf_counter()
+    negative = NEGATIVE_PROMPT if run.negative_prompt is None else run.negative_prompt
+    context = encode_prompts(found, preset, [run.prompt, negative], device=args.device)  # text encoder freed after
     pipe = WanPipeline.load(ckpt, preset, args.vae, args.text_encoder, args.tokenizer, dtype=DTYPES[args.dtype],
-                            device=args.device)
-    video = pipe(run, guidance)
+                            device=args.device, with_text_encoder=False)
+    video = pipe(run, guidance, context=context)
     seconds = time.perf_counter() - start
     write_mp4(out, to_uint8(video), run.fps, overwrite=args.overwrite)
     write_json(out.with_suffix(".json"), sidecar(pipe, replace(run), guidance, seconds))
