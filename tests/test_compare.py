@@ -1,0 +1,112 @@
+"""samplers/compare.py end to end on the tiny checkpoint: files, table rows, passes per step, identical noise across
+methods, and the checks that run before any model is loaded."""
+import csv
+import json
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from minivdit.pipeline import tiny_checkpoint
+from samplers import compare
+
+SMALL = ["--steps", "3", "--frames", "5", "--height", "32", "--width", "32", "--prompt", "a red ball rolls"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make any model or text-encoder load fail loudly, to show an error comes first."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(compare.WanPipeline, "load", boom)
+    monkeypatch.setattr(compare, "encode_prompts", boom)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def frames(path):
+    return np.stack(imageio.mimread(path))  # (T, H, W, 3) uint8
+
+
+def test_compare_end_to_end(ckpt, tmp_path):
+    out = tmp_path / "cmp"
+    rows = compare.main(["--ckpt", ckpt, "--methods", "dg,cfg+stas", "--stas-steps", "2", "--seeds", "3",
+                         "--out", str(out), *SMALL])
+    table = read_csv(out / "results.csv")
+    assert [r["method"] for r in table] == ["cfg", "dg", "cfg+stas"]  # cfg added first as the baseline
+    assert {r["method"]: int(r["passes_per_step"]) for r in table} == {"cfg": 2, "dg": 3, "cfg+stas": 2}
+    assert all(r["prompt"] == "a red ball rolls" and r["seed"] == "3" for r in table)
+    assert float(table[0]["overhead_vs_cfg"]) == 1.0
+    for r, row in zip(table, rows):
+        assert float(r["seconds_per_step"]) > 0
+        assert float(r["overhead_vs_cfg"]) == pytest.approx(row["seconds_per_step"] / rows[0]["seconds_per_step"])
+        for key in ("cross_chunk", "within_chunk", "all"):  # 5 frames = latent frames 0,1,1,1,1: both kinds exist
+            assert -1 <= float(r[key]) <= 1
+    summary = read_csv(out / "summary.csv")
+    assert [r["method"] for r in summary] == ["cfg", "dg", "cfg+stas"]
+    md = (out / "results.md").read_text()
+    assert "step 1 excluded (warm-up)" in md and "| dg | 3 |" in md and "## All runs" in md
+
+    folder = out / "p0_s3"
+    videos = {m: frames(folder / f"{m}.mp4") for m in ("cfg", "dg", "cfg+stas")}
+    assert all(v.shape == (5, 32, 32, 3) for v in videos.values())
+    assert not np.array_equal(videos["cfg"], videos["dg"])  # DG at w = 1 changes the video
+    assert not np.array_equal(videos["cfg"], videos["cfg+stas"])
+    side = json.loads((folder / "dg.json").read_text())
+    assert (side["method_label"], side["guidance"]["method"], side["seed"], side["passes_per_step"]) == \
+        ("dg", "dg", 3, 3)
+    assert frames(folder / "grid.mp4").shape == (5, 32 + 14, 3 * 32, 3)  # 3 labelled tiles side by side
+
+
+def test_same_noise_for_every_method(ckpt, tmp_path):
+    """DG with w = 0 runs no branch and is CFG: with the same noise its video is CFG's, byte for byte."""
+    out = tmp_path / "cmp"
+    rows = compare.main(["--ckpt", ckpt, "--methods", "cfg,dg", "--dg-scale", "0", "--seeds", "3,4",
+                         "--out", str(out), *SMALL])
+    assert [(r["method"], r["seed"], r["passes_per_step"]) for r in rows] == \
+        [("cfg", 3, 2), ("dg", 3, 2), ("cfg", 4, 2), ("dg", 4, 2)]
+    for seed in (3, 4):
+        assert np.array_equal(frames(out / f"p0_s{seed}" / "cfg.mp4"), frames(out / f"p0_s{seed}" / "dg.mp4"))
+    assert rows[0]["all"] == rows[1]["all"]
+    assert not np.array_equal(frames(out / "p0_s3" / "cfg.mp4"), frames(out / "p0_s4" / "cfg.mp4"))
+
+
+def test_unknown_method_fails_before_anything_is_read(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown method 'foo'.*stg-official"):
+        compare.main(["--ckpt", str(tmp_path / "nowhere"), "--methods", "cfg,foo", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="unknown method 'dg\\+cfg'"):
+        compare.main(["--ckpt", str(tmp_path / "nowhere"), "--methods", "dg+cfg", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--methods", "cfg+stas", "--stas-alpha", "-1"], "alpha"),
+    (["--methods", "dg", "--dg-block", "99"], "block indices"),
+    (["--methods", "cfg,stg", "--stg-mode", "X"], "stg_mode"),
+    (["--methods", "cfg,stg", "--dg-scale", "0.5"], "no method"),
+    (["--methods", "cfg+stas", "--stas-steps", "9"], "exceeds"),
+])
+def test_bad_parameters_fail_before_loading(ckpt, tmp_path, no_loading, args, match):
+    with pytest.raises(ValueError, match=match):
+        compare.main(["--ckpt", ckpt, "--out", str(tmp_path / "o"), *args, *SMALL])
+
+
+def test_refuses_to_overwrite(ckpt, tmp_path, no_loading, monkeypatch):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "results.csv").write_text("earlier results\n")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        compare.main(["--ckpt", ckpt, "--methods", "cfg", "--out", str(out), *SMALL])
+    monkeypatch.undo()
+    compare.main(["--ckpt", ckpt, "--methods", "cfg", "--out", str(out), "--overwrite", *SMALL, "--steps", "1"])
+    table = read_csv(out / "results.csv")
+    assert [r["method"] for r in table] == ["cfg"] and float(table[0]["seconds_per_step"]) > 0
+    assert "no warm-up step to exclude" in (out / "results.md").read_text()
