@@ -1,0 +1,94 @@
+"""Peak memory of Wan2.1 VAE decoding: minivdit's streaming decode against diffusers AutoencoderKLWan.
+
+    python bench/vae_memory.py                      # latent 16x16 (128x128 pixels), 5 and 21 latent frames
+    python bench/vae_memory.py --size 8 --frames 5 21 41
+
+Real config (dim 96, 126.9 M params, random weights, float32, CPU). Each measurement runs in a fresh
+subprocess that builds the model, makes a seeded latent, decodes it once and reports its peak resident set
+size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) and its resident size just before decoding (`base`:
+interpreter, torch and the 508 MB of weights). "peak - out" subtracts the output video; "decode extra" =
+peak - base - out is what decoding held beyond its result: for a streaming decoder it stays flat as the
+number of frames grows.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+def child(impl: str, latent_frames: int, size: int) -> dict:
+    """Build one VAE, decode one latent, return memory numbers in MB (runs in its own process)."""
+    sys.path.insert(0, str(ROOT))
+    from minivdit.wan_vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE
+
+    torch.manual_seed(0)
+    if impl == "minivdit":
+        decode = WanVAE().eval().decode
+    else:
+        from diffusers import AutoencoderKLWan
+
+        ref = AutoencoderKLWan().eval()
+        mean = torch.tensor(WAN21_LATENT_MEAN).view(1, -1, 1, 1, 1)
+        std = torch.tensor(WAN21_LATENT_STD).view(1, -1, 1, 1, 1)
+
+        def decode(z):
+            with torch.no_grad():
+                return ref.decode(z * std + mean).sample
+
+    latent = torch.randn(1, 16, latent_frames, size, size)
+    base = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    video = decode(latent)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"impl": impl, "latent_frames": latent_frames, "frames": video.shape[2], "base": base / MB,
+            "peak": peak / MB, "out": video.numel() * video.element_size() / MB, "seconds": seconds}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=16, help="latent height = width (pixels: 8x)")
+    p.add_argument("--frames", type=int, nargs="+", default=[5, 21], help="latent frame counts")
+    p.add_argument("--impl", nargs="+", default=["minivdit", "diffusers"], choices=["minivdit", "diffusers"])
+    p.add_argument("--child", nargs=3, metavar=("IMPL", "FRAMES", "SIZE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
+        return
+
+    rows = []
+    for impl in args.impl:
+        for f in args.frames:
+            cmd = [sys.executable, __file__, "--child", impl, str(f), str(args.size)]
+            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+            r = rows[-1]
+            print(f"  done {impl} {f} latent frames in {r['seconds']:.1f} s", file=sys.stderr)
+
+    px = 8 * args.size
+    print(f"Wan2.1 VAE decode, real config, float32, latent {args.size}x{args.size} -> {px}x{px} pixels")
+    print(f"{'impl':<10} {'lat T':>5} {'out T':>5} {'base MB':>8} {'peak MB':>8} {'out MB':>7} "
+          f"{'peak-out':>9} {'decode extra':>12} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['impl']:<10} {r['latent_frames']:>5} {r['frames']:>5} {r['base']:>8.0f} {r['peak']:>8.0f} "
+              f"{r['out']:>7.1f} {r['peak'] - r['out']:>9.0f} {r['peak'] - r['base'] - r['out']:>12.0f} "
+              f"{r['seconds']:>8.1f}")
+    ours = {r["latent_frames"]: r for r in rows if r["impl"] == "minivdit"}
+    for r in rows:
+        if r["impl"] == "diffusers" and r["latent_frames"] in ours:
+            o = ours[r["latent_frames"]]
+            extra = lambda x: x["peak"] - x["base"] - x["out"]  # noqa: E731
+            print(f"diffusers / minivdit at {r['latent_frames']} latent frames: peak {r['peak'] / o['peak']:.2f}x, "
+                  f"decode extra {extra(r) / max(extra(o), 1e-9):.2f}x, time {r['seconds'] / o['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
