@@ -106,3 +106,185 @@ def test_hf_image_features_local_tiny_model(tmp_path, kind):
     assert r["cross_chunk"] < 0.9999
     with pytest.raises(FileNotFoundError):
         hf_image_features(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# massive activations
+
+from minivdit.analysis import MAStats, write_plots  # noqa: E402
+from minivdit.interventions import TokenLayout  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    from minivdit.pipeline import WanPipeline, tiny_checkpoint
+
+    return WanPipeline.load(tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt"))
+
+
+def stats_from_stored(acts, layout, p, steps, blocks, dim):
+    """The same statistics from full stored activations [(step, block, h (B, L, D))], computed directly."""
+    first, boundary, interior = layout.partition(p)
+    peak = torch.zeros(steps, len(blocks), dim, dtype=torch.float64)
+    pos = torch.zeros(steps, len(blocks), 3, dim, dtype=torch.float64)
+    rows = torch.zeros(steps, len(blocks))
+    for s, b, h in acts:
+        a = h.double().abs()  # (B, L, D)
+        k = blocks.index(b)
+        peak[s, k] += a.amax(dim=1).sum(0)
+        pos[s, k] += torch.stack([a[:, idx].mean(dim=1) for idx in (first, boundary, interior)], 1).sum(0)
+        rows[s, k] += h.shape[0]
+    return peak / rows[..., None], pos / rows[..., None, None]
+
+
+def test_streaming_equals_stored_on_the_tiny_pipeline(tiny_pipe, tmp_path):
+    from minivdit.guidance import Guidance
+    from minivdit.pipeline import SampleConfig
+
+    model = tiny_pipe.model
+    steps, blocks, p = 3, [1, 2, 3], 25.0
+    runs = [SampleConfig(prompt=t, frames=9, height=32, width=48, steps=steps, seed=i)
+            for i, t in enumerate(["a red fox", "a blue boat on a lake"])]
+    layout = model.layout(runs[0].latent_shape(model.config.in_dim))
+    stats = MAStats(layout, model.config.dim, blocks, steps, p=p)
+    acts, step = [], [0]
+
+    def capture(block, h):
+        stats(block, h)
+        if block in blocks:
+            acts.append((step[0], block, h.clone()))
+
+    def callback(info):
+        stats.next_step(info)
+        step[0] = (info["i"] + 1) % steps
+
+    for run in runs:
+        tiny_pipe.sample(run, Guidance(capture=capture, guidance_scale=5.0), callback=callback, progress=False)
+    assert stats.prompts == 2 and stats.step == 0
+    assert len(acts) == 2 * steps * len(blocks) and acts[0][2].shape == (2, layout.num_tokens, model.config.dim)
+    assert (stats.rows == 4).all()  # 2 prompts x [cond, uncond]
+    peak, pos = stats_from_stored(acts, layout, p, steps, blocks, model.config.dim)
+    torch.testing.assert_close(stats.mean_peak(), peak, rtol=1e-12, atol=0)
+    torch.testing.assert_close(stats._mean(stats.pos), pos, rtol=1e-10, atol=1e-14)
+    # the token profile of block 2 at step 1 is the mean over rows of |h[:, :, c]|
+    c = stats.profile_dims[1]
+    ref = torch.stack([h[:, :, c].double().abs().mean(0) for s, b, h in acts if s == 1 and b == 2]).mean(0)
+    torch.testing.assert_close(stats.token_profile(1, 2), ref, rtol=1e-12, atol=0)
+
+    report = stats.report()
+    json.dumps(report)  # JSON-able
+    assert isinstance(report["ma_channels"], list)
+    assert len(report["slots"]) == steps * len(blocks)
+    slot = report["slots"][0]
+    ref_peak = peak[0, 0]
+    assert slot["mean_peak"] == pytest.approx(ref_peak.mean().item(), rel=1e-12)
+    assert slot["median_peak"] == pytest.approx(np.median(ref_peak.numpy()), rel=1e-12)
+    assert [e["dim"] for e in slot["top"]] == torch.argsort(ref_peak, descending=True)[:5].tolist()
+    pngs = write_plots(stats, report, tmp_path, step=1, block=2)
+    assert all(f.exists() and f.read_bytes()[:4] == b"\x89PNG" for f in pngs)
+
+
+def synthetic(layout, dim, seed, spikes):
+    """h (2, L, D) with |h| in [0.5, 1] and every channel's peak exactly 1, except channels d scaled by `factor`."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.rand(2, layout.num_tokens, dim, generator=g) * 0.5 + 0.5
+    h[:, seed % layout.num_tokens] = 1.0  # the peak token
+    h *= torch.where(torch.rand(2, layout.num_tokens, dim, generator=g) < 0.5, -1.0, 1.0)
+    for d, factor in spikes.items():
+        h[:, :, d] *= factor
+    return h
+
+
+def test_injected_massive_and_weak_channels():
+    layout = TokenLayout(frames=3, height=4, width=5)  # n = 20 tokens per frame, L = 60
+    dim, steps = 2048, 2  # wide enough that one 100x channel does not lift mu + 3 sigma above the 10x channel
+    stats = MAStats(layout, dim, blocks=[0, 1], steps=steps, p=10.0)
+    for prompt in range(2):
+        for s in range(steps):
+            for b in (0, 1, 5):  # block 5 is not recorded
+                stats(b, synthetic(layout, dim, 100 * prompt + 10 * s + b, {7: 100.0, 42: 10.0} if b else {7: 100.0}))
+            stats.next_step()
+    r = stats.report()
+    assert stats.prompts == 2 and (stats.rows == 4).all()
+    for slot in r["slots"]:
+        assert [e["dim"] for e in slot["ma"]] == [7]
+        assert [e["dim"] for e in slot["weak_ma"]] == ([42] if slot["block"] == 1 else [])
+        ma = slot["ma"][0]
+        mean = (dim - 2 + 100 + 10) / dim if slot["block"] == 1 else (dim - 1 + 100) / dim
+        assert slot["mean_peak"] == pytest.approx(mean, rel=1e-12) and slot["median_peak"] == 1.0
+        assert ma["peak"] == pytest.approx(100.0, rel=1e-12) and ma["peak_to_mean"] == pytest.approx(100 / mean)
+        assert ma["peak_to_mean"] > 50 and ma["peak_to_median"] == pytest.approx(ma["peak"] / slot["median_peak"])
+    assert r["ma_channels"] == [7] and r["lead_dim"] == 7 and r["lead_is_ma"]
+    assert r["ma_counts"] == {"7": 4} and r["weak_ma_counts"] == {"42": 2}
+    assert r["stas"] == {"dims": [7], "block": 0} and r["stas_flags"] == "--stas-dims 7 --stas-block 0"
+    # uniform |h| on channel 7: first / boundary / interior means agree, ratio ~ 1
+    pos = r["positional"]["1"]
+    assert pos["dim"] == 7 and pos["steps"] == [0, 1]
+    assert all(0.9 < x < 1.1 for x in pos["boundary_to_interior"])
+
+
+def test_positional_split_sizes_and_means():
+    layout = TokenLayout(frames=4, height=5, width=10)  # n = 50, p = 8 -> k = 4 tokens at each end of a frame
+    dim, p = 8, 8.0
+    stats = MAStats(layout, dim, blocks=[0], steps=1, p=p, profile_dim=3)
+    assert stats.report.__doc__ and [len(i) for i in stats.sets] == [50, 3 * 8, 3 * 42]
+    # channel 3 carries a position code: 9 on the first frame, 3 on boundary tokens, 1 on interior tokens
+    code = torch.ones(layout.num_tokens)
+    code[layout.boundary(p)] = 3.0
+    code[layout.first()] = 9.0
+    h = torch.zeros(1, layout.num_tokens, dim)
+    h[0, :, 3] = -code  # |h| is what counts
+    h[0, 0, 0] = 1e-3
+    stats(0, h)
+    r = stats.report()
+    pos = r["positional"]["0"]
+    assert r["protocol"]["positional_sizes"] == [50, 24, 126]
+    assert pos["first"] + pos["boundary"] + pos["interior"] == pytest.approx([9.0, 3.0, 1.0], rel=1e-12)
+    assert pos["boundary_to_interior"] + pos["first_to_interior"] == pytest.approx([3.0, 9.0], rel=1e-12)
+    prof = r["slots"][0]["profile"]
+    assert prof["dim"] == 3 and prof["frame_boundary"] == pytest.approx([9.0, 3.0, 3.0, 3.0], rel=1e-12)
+    assert prof["frame_interior"] == pytest.approx([9.0, 1.0, 1.0, 1.0], rel=1e-12)
+    torch.testing.assert_close(stats.token_profile(0, 0), code.double())
+    with pytest.raises(ValueError, match="does not match"):
+        stats(0, torch.zeros(1, 7, dim))
+
+
+def test_no_capture_and_no_ma_report_cleanly():
+    layout = TokenLayout(frames=2, height=2, width=2)
+    stats = MAStats(layout, 16, blocks=[0], steps=1)
+    with pytest.raises(ValueError, match="no block output"):
+        stats.report()
+    stats(0, torch.ones(2, layout.num_tokens, 16))
+    r = stats.report()
+    assert r["ma_channels"] == [] and r["stas"] == {"dims": [], "block": None} and r["stas_flags"] == ""
+
+
+def test_analyze_script_end_to_end(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from minivdit.pipeline import tiny_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "samplers"))
+    import analyze
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "prompts.txt").write_text("a red fox\n\n")
+    args = ["--ckpt", str(ckpt), "--prompts", str(tmp_path / "prompts.txt"), "--prompt", "a green tree",
+            "--steps", "2", "--height", "32", "--width", "48", "--blocks", "1", "3", "--out", str(tmp_path / "ma")]
+    report = analyze.main(args)
+    saved = json.loads((tmp_path / "ma" / "report.json").read_text())
+    assert saved["run"]["prompts"] == ["a green tree", "a red fox"]
+    assert saved["protocol"]["prompts"] == 2 and saved["protocol"]["blocks"] == [1, 3]
+    assert len(saved["slots"]) == 2 * 2 and all(s["rows"] == 4 for s in saved["slots"])  # [cond, uncond] x 2
+    assert saved["ma_channels"] == report["ma_channels"]
+    pngs = sorted(p.name for p in (tmp_path / "ma").glob("*.png"))
+    assert pngs == ["channel_peaks_b3_s1.png", "positional_b3.png", "token_profile_b3_s1.png"]
+    out = capsys.readouterr().out
+    assert ("MA channels" in out and "--stas-dims" in out) if report["ma_channels"] else "no MA channel" in out
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        analyze.main(args)
+    analyze.main(args + ["--overwrite", "--plot-step", "0", "--plot-block", "1"])
+    assert (tmp_path / "ma" / "token_profile_b1_s0.png").exists()
+    with pytest.raises(ValueError, match="blocks 0..3"):
+        analyze.main(args[:-5] + ["--blocks", "4", "--out", str(tmp_path / "bad")])

@@ -1,0 +1,83 @@
+"""Massive-activation analysis of a Wan DiT (STAS Appendix A.1-A.2): streaming statistics over prompts, a JSON
+report and Fig. 1e / 2a / 2b-style plots, plus the flags that feed the MA channels found to STAS / DG.
+
+    python samplers/analyze.py --out outputs/ma-tiny                 # embedded tiny default (random weights)
+    python samplers/analyze.py --ckpt weights/Wan2.1-T2V-1.3B --prompts prompts.txt --frames 81 --out outputs/ma
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from minivdit.analysis import MAStats, write_plots  # noqa: E402
+from minivdit.guidance import Guidance  # noqa: E402
+from minivdit.pipeline import SampleConfig, WanPipeline, tiny_checkpoint  # noqa: E402
+from minivdit.video import write_json  # noqa: E402
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="checkpoint folder; default: the embedded tiny checkpoint")
+    p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    for name in ("frames", "height", "width", "steps"):
+        p.add_argument(f"--{name}", type=int, default=None, help="default: the preset's")
+    p.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks to record (0-based; default all)")
+    p.add_argument("--p", type=float, default=8.0, help="boundary width in percent of a frame per side")
+    p.add_argument("--seed", type=int, default=0, help="prompt k uses seed + k")
+    p.add_argument("--plot-step", type=int, default=None, help="default: min(5, steps - 1)")
+    p.add_argument("--plot-block", type=int, default=None, help="default: the middle recorded block")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="outputs/ma-analysis", help="output folder (report.json and PNGs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = prompts or ["A red fox trots through fresh snow in a pine forest at dawn."]
+    out = Path(args.out)
+    if (out / "report.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{out / 'report.json'} already exists; choose another --out or pass --overwrite")
+
+    pipe = WanPipeline.load(args.ckpt or tiny_checkpoint(), device=args.device)
+    d, c = pipe.preset, pipe.model.config
+    pick = lambda v, default: default if v is None else v
+    runs = [SampleConfig(prompt=t, frames=pick(args.frames, d.frames), height=pick(args.height, d.height),
+                         width=pick(args.width, d.width), steps=pick(args.steps, d.steps), shift=d.shift,
+                         seed=args.seed + k) for k, t in enumerate(prompts)]
+    runs[0].check()
+    blocks = pick(args.blocks, list(range(c.num_layers)))
+    if any(not 0 <= b < c.num_layers for b in blocks):
+        raise ValueError(f"--blocks {blocks}: the model has blocks 0..{c.num_layers - 1}")
+    stats = MAStats(pipe.model.layout(runs[0].latent_shape(c.in_dim)), c.dim, blocks, runs[0].steps, p=args.p)
+    guidance = Guidance(method="cfg", guidance_scale=d.guidance_scale, capture=stats)
+    for k, run in enumerate(runs):
+        print(f"[{k + 1}/{len(runs)}] {run.prompt[:70]}")
+        pipe.sample(run, guidance, callback=stats.next_step)
+
+    report = stats.report()
+    report["run"] = {"checkpoint": pipe.info["checkpoint"], "preset": pipe.info["preset"], "prompts": prompts,
+                     "frames": runs[0].frames, "height": runs[0].height, "width": runs[0].width,
+                     "steps": runs[0].steps, "seed": args.seed, "guidance_scale": d.guidance_scale}
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = write_plots(stats, report, out, args.plot_step, args.plot_block)
+    write_json(out / "report.json", report)
+    print(f"wrote {out / 'report.json'} and {len(pngs)} plots in {out}")
+    if report["ma_channels"]:
+        print(f"MA channels (peak > {report['protocol']['ratio']:g}x mean peak): {report['ma_channels']}")
+        print(f"STAS: {report['stas_flags']}\nDG:   {report['dg_flags']}")
+    else:
+        print(f"no MA channel (peak > {report['protocol']['ratio']:g}x mean peak) found; the strongest channel is "
+              f"{report['lead_dim']} (see report.json)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
