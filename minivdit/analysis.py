@@ -116,9 +116,6 @@ def hf_image_features(path: str | Path, device: str | torch.device = "cpu",
 # ----------------------------------------------------------------------------------------------------------
 # massive activations (STAS Appendix A.1-A.2, Table A1; Fig. 1e, 2a, 2b)
 
-POSITIONS = ("first", "boundary", "interior")
-
-
 class MAStats:
     """Streaming massive-activation statistics of block outputs, per (sampling step, block), summed over prompts.
 
