@@ -199,14 +199,18 @@ def encode_text(prompts: str | list[str], tokenizer, encoder: UMT5EncoderModel, 
     (default float32) on `device` (default: the encoder's device).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    tokens = tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=text_len,
+    # Official Wan pads every prompt to text_len and masks the pad keys. Masked keys do not change the real tokens'
+    # outputs, so padding only to the longest prompt gives the same rows (up to float summation order) for a
+    # fraction of the cost; the rows after each prompt are zeros either way.
+    tokens = tokenizer([clean_prompt(p) for p in prompts], padding="longest", max_length=text_len,
                        truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     enc_device = encoder.shared.weight.device
-    ids, mask = tokens.input_ids.to(enc_device), tokens.attention_mask.to(enc_device)  # (B, text_len)
-    h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, text_len, D)
-    h = h.to(device=device or enc_device, dtype=dtype)
-    keep = (torch.arange(text_len, device=h.device)[None] < mask.sum(1).to(h.device)[:, None])  # (B, text_len)
-    return torch.where(keep[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+    ids, mask = tokens.input_ids.to(enc_device), tokens.attention_mask.to(enc_device)  # (B, L), L <= text_len
+    h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+    h = torch.where(mask[..., None].bool(), h, torch.zeros((), dtype=h.dtype, device=h.device))
+    out = h.new_zeros(h.shape[0], text_len, h.shape[2])
+    out[:, : h.shape[1]] = h
+    return out.to(device=device or enc_device, dtype=dtype)  # (B, text_len, D)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .checkpoints import CheckpointError, load_strict, read_state_dict
+from .checkpoints import CheckpointError, Renamed, load_strict, read_state_dict
 
 CACHE_T = 2  # frames of history each causal conv keeps (official CACHE_T)
 
@@ -350,22 +350,6 @@ def vae_from_diffusers(sd: Mapping[str, torch.Tensor], num_res_blocks: int = 2) 
     return {vae_key_from_diffusers(k, num_res_blocks): v for k, v in sd.items()}
 
 
-class _Renamed(Mapping):
-    """A lazy view of `sd` under new key names (`{new: old}`); tensors are read only when indexed."""
-
-    def __init__(self, sd: Mapping[str, torch.Tensor], names: dict[str, str]):
-        self.sd, self.names = sd, names
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.sd[self.names[key]]
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
 def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> WanVAE:
     """Load a Wan2.1 VAE in eval mode from the native `Wan2.1_VAE.pth`, a native-key safetensors (ComfyUI
@@ -377,11 +361,11 @@ def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     for prefix in ("vae.", "first_stage_model."):
         if keys and all(k.startswith(prefix) for k in keys):
             keys = [k[len(prefix):] for k in keys]
-            sd = _Renamed(sd, {k: prefix + k for k in keys})
+            sd = Renamed(sd, lambda k, n=len(prefix): k[n:])
             break
     if "decoder.conv_in.weight" in keys or "quant_conv.weight" in keys:
         layout = "diffusers"
-        sd = _Renamed(sd, {vae_key_from_diffusers(k): k for k in keys})
+        sd = Renamed(sd, vae_key_from_diffusers)
     elif "decoder.conv1.weight" in keys or "conv1.weight" in keys:
         layout = "native"
     else:

@@ -172,9 +172,11 @@ def test_encode_text_matches_diffusers(model, tokenizer):
     assert lens[1] == 1 and lens[3] == TEXT_LEN and len(set(lens)) >= 4  # "" is EOS alone; one is truncated
     for row, n in zip(ours, lens):
         assert (row[n:] == 0).all() and (row[:n].abs().sum(-1) > 0).all()  # EOS row kept, the rest exactly 0
-    # each prompt is encoded on its own: batching and padding never change a row
+    # each prompt encoded on its own equals its row of the batch: batching and padding never change a row beyond
+    # float summation order (a lone prompt runs unpadded, so SDPA may take another kernel)
     for p, row in zip(PROMPTS, ours):
-        assert torch.allclose(encode_text(p, tokenizer, model, text_len=TEXT_LEN)[0], row, rtol=0, atol=1e-6)
+        err = (encode_text(p, tokenizer, model, text_len=TEXT_LEN)[0] - row).abs().max()
+        assert err <= 1e-6 * row.abs().max(), (p, err.item())
 
 
 def test_encode_text_bf16_encoder_returns_float32(model, tokenizer):
