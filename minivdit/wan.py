@@ -75,8 +75,12 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class SelfAttention(nn.Module):
-    """Self-attention with RMS q/k norms across all heads (before the head split) and 3D RoPE."""
+class Attention(nn.Module):
+    """Wan attention with RMS q/k norms across all heads (before the head split).
+
+    Self-attention (context None): q, k, v from x, 3D RoPE on q and k. Cross-attention: q from x, k and v from the
+    512 text tokens, no RoPE, no mask. Native names: blocks.{i}.self_attn / cross_attn.{q,k,v,o,norm_q,norm_k}.
+    """
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -84,30 +88,19 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, rope, identity: bool = False):
-        """x: (B, L, dim) -> (B, L, dim). identity: attention map = identity (STG-A), output = o(v)."""
+    def forward(self, x, context=None, rope=None, identity: bool = False):
+        """x: (B, L, dim), context: (B, L_text, dim) or None -> (B, L, dim).
+
+        identity: the self-attention map is the identity (STG-A), so each token's output is o(its value vector).
+        """
         split = lambda t: rearrange(t, "b l (n d) -> b l n d", n=self.num_heads)  # (B, L, heads, head_dim)
-        v = split(self.v(x))
+        kv = x if context is None else context
+        v = split(self.v(kv))
         if identity:
             return self.o(v.flatten(2))
-        q = apply_rope(split(self.norm_q(self.q(x))), rope)
-        k = apply_rope(split(self.norm_k(self.k(x))), rope)
-        return self.o(attention(q, k, v))
-
-
-class CrossAttention(nn.Module):
-    """Text cross-attention: q from the video tokens, k and v from the 512 context tokens; no mask, no RoPE."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
-
-    def forward(self, x, context):
-        """x: (B, L, dim), context: (B, L_text, dim) -> (B, L, dim)."""
-        split = lambda t: rearrange(t, "b l (n d) -> b l n d", n=self.num_heads)
-        q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(context))), split(self.v(context))
+        q, k = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(kv)))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         return self.o(attention(q, k, v))
 
 
@@ -121,9 +114,9 @@ class WanBlock(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.self_attn = Attention(dim, num_heads, eps)
         self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=True)
-        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.cross_attn = Attention(dim, num_heads, eps)
         self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
@@ -133,7 +126,7 @@ class WanBlock(nn.Module):
         mod = (self.modulation.float() + e0).unbind(2)  # 6 x (B, 1 or L, dim), float32
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
         h = self.norm1(x.float()) * (1 + scale_sa) + shift_sa
-        x = x + (self.self_attn(h.type_as(x), rope, identity_attn).float() * gate_sa).type_as(x)
+        x = x + (self.self_attn(h.type_as(x), rope=rope, identity=identity_attn).float() * gate_sa).type_as(x)
         x = x + self.cross_attn(self.norm3(x.float()).type_as(x), context)
         h = self.norm2(x.float()) * (1 + scale_ffn) + shift_ffn
         x = x + (self.ffn(h.type_as(x)).float() * gate_ffn).type_as(x)
