@@ -1,0 +1,181 @@
+"""Seconds per sampling step of CFG, CFG+STAS, CFG+DG, CFG+STG-R and CFG+STG-A on this CPU, real Wan2.1-1.3B size.
+
+    nohup python bench/guidance_speed.py > outputs/guidance_speed.txt 2>&1 &        # bfloat16, as asked
+    nohup python bench/guidance_speed.py --dtype float32 --reps 1 --warmup 0 > outputs/guidance_speed.txt 2>&1 &
+    python bench/guidance_speed.py --preset wan2.1-tiny --frames 2 --height 16 --width 16 --reps 1   # smoke run
+
+On a CPU without native bfloat16 matmuls (AVX2 only: no AVX512-BF16 / AMX) a bfloat16 GEMM runs ~7x slower than
+float32 (measured here: 3 vs 21 GFLOP/s per thread), so one bfloat16 forward of 1,600 tokens takes tens of minutes
+and --dtype float32 is the practical choice; the ratios between methods are what this bench is for.
+
+The real Wan2.1-T2V-1.3B architecture (PRESETS["wan2.1-t2v-1.3b"].config) with seeded random weights in bfloat16
+(no checkpoint needed), a latent (1, 16, F, H, W) of F * H/2 * W/2 tokens (default 5 * 16 * 20 = 1,600) and a
+context (2, 512, 4096). Each method is timed through the pipeline's own denoiser (WanPipeline.denoiser): one batched
+model call of the [cond, uncond] rows plus the method's branch passes, then the guidance combine; the median of
+--reps calls after --warmup calls, at step 0 (inside STAS's first K steps). Guidance settings: the preset's.
+
+What is compared. A branch pass that forks at a block runs only the blocks from its branch point on, on one row,
+while CFG runs all N blocks on two rows. With b = the number of blocks the branch runs (DG at m = 9, 0-based: the
+zeroing is after block 9, the branch runs blocks 10..29, b = 20 = N - m - 1; STG-R skipping block l = 2: blocks
+3..29, b = 27; STG-A at l = 2: blocks 2..29 with block 2's attention map the identity, b = 28), the ideal extra
+cost over CFG is b / N of one forward, i.e. a ratio to CFG of 1 + (b / N) / 2. The table prints the measured extra
+(ratio - 1) against that ideal (b / N) / 2 and their quotient (the goal: within 5 % of the ideal; STAS: ratio
+<= 1.01). The diffusers WanTransformer3DModel forward with the same weights and inputs is a reference point for the
+plain [cond, uncond] forward (ours / diffusers).
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from minivdit.guidance import from_preset  # noqa: E402
+from minivdit.interventions import branch_point  # noqa: E402
+from minivdit.pipeline import SOLVERS, WanPipeline  # noqa: E402
+from minivdit.wan import PRESETS, WanModel, from_diffusers  # noqa: E402
+
+METHODS = {  # label -> (method, stas, Guidance overrides)
+    "cfg": ("cfg", False, {}),
+    "cfg+stas": ("cfg", True, {}),
+    "cfg+dg": ("dg", False, {}),
+    "cfg+stg-R": ("stg", False, {"stg_mode": "R"}),
+    "cfg+stg-A": ("stg", False, {"stg_mode": "A"}),
+}
+
+
+def median_seconds(fns: dict, reps: int, warmup: int) -> dict:
+    """{label: fn} -> {label: (median wall-clock seconds, median process CPU seconds)} of one fn() call.
+
+    Each fn runs `warmup` untimed calls first; the timed calls are interleaved (rep 1 of every fn, then rep 2, ...)
+    so that load from other processes on a shared machine falls on all of them alike. CPU seconds are summed over
+    threads, so they are ~threads x wall when the machine is otherwise idle and rise less than wall under contention.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[k].append(time.perf_counter() - w)
+            cpu[k].append(time.process_time() - c)
+            print(f"  {k}: {wall[k][-1]:.2f} s wall, {cpu[k][-1]:.2f} s CPU", flush=True)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+
+
+def branch_blocks(guidance, num_layers: int) -> int:
+    """How many blocks the branch pass of step 0 runs (0 without a branch): from its branch point on, minus skips."""
+    base, branches, _ = guidance.passes(0)
+    if not branches:
+        return 0
+    p = branches[0][1]
+    start = branch_point(base, p, num_layers)
+    first = start[0] + start[1]  # (i, 1): forks after block i, so it runs from block i + 1
+    return sum(1 for i in range(first, num_layers) if not p.inside(i)[0])
+
+
+def build(make, dtype: torch.dtype) -> torch.nn.Module:
+    """make() with parameters created directly in dtype (no float32 copy of 1.3B weights on the way)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return make()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype, keep_fp32) -> torch.nn.Module:
+    """Cast parameters and buffers to dtype except those `keep_fp32(name)` keeps float32, as each loader does."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32 if keep_fp32(name) else dtype)
+    return module.eval().requires_grad_(False)
+
+
+def diffusers_reference(model: WanModel, dtype: torch.dtype):
+    """diffusers' WanTransformer3DModel of the same config, holding our weights (native -> diffusers names)."""
+    from diffusers import WanTransformer3DModel
+
+    c = model.config
+    ref = build(lambda: WanTransformer3DModel(
+        patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.dim // c.num_heads,
+        in_channels=c.in_dim, out_channels=c.out_dim, text_dim=c.text_dim, freq_dim=c.freq_dim, ffn_dim=c.ffn_dim,
+        num_layers=c.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=c.eps), dtype)
+    ours = model.state_dict()
+    ref.load_state_dict({k: ours[from_diffusers(k)] for k in ref.state_dict()}, strict=True)  # copies, casting
+    keep = ref._keep_in_fp32_modules  # what diffusers' from_pretrained(torch_dtype=...) keeps float32
+    return cast(ref, dtype, lambda name: any(m in name.split(".") for m in keep))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="wan2.1-t2v-1.3b", choices=list(PRESETS))
+    p.add_argument("--frames", type=int, default=5, help="latent frames F")
+    p.add_argument("--height", type=int, default=32, help="latent height (pixels / 8); tokens = F * H/2 * W/2")
+    p.add_argument("--width", type=int, default=40, help="latent width (pixels / 8)")
+    p.add_argument("--reps", type=int, default=3, help="timed calls per method (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per method first")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers reference forward")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    preset = PRESETS[args.preset]
+    c = preset.config
+
+    torch.manual_seed(0)
+    # as load_wan keeps float32, except the q/k RMSNorm weights: a float32 weight makes q, k float32 next to a
+    # bfloat16 v, which SDPA refuses (load_wan(dtype=torch.bfloat16) has that problem today)
+    keep = lambda name: any(s in name for s in WanModel.keep_fp32) and ".norm_" not in name
+    model = cast(build(lambda: WanModel(c), dtype), dtype, keep)
+    pipe = WanPipeline(model, None, None, None, args.preset, {})  # the denoiser needs only the DiT
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, c.in_dim, args.frames, args.height, args.width, generator=g)  # (1, C, F, H, W)
+    context = torch.randn(2, c.text_len, c.text_dim, generator=g)  # (2, 512, text_dim): [cond, uncond]
+    sigmas = SOLVERS["unipc"][1](preset.steps, preset.shift)
+    tokens = model.layout(x.shape).num_tokens
+    print(f"{args.preset}: {c.num_layers} blocks, dim {c.dim}, {args.dtype}; latent {tuple(x.shape)} = {tokens} "
+          f"tokens; context {tuple(context.shape)}; {torch.get_num_threads()} threads; median of {args.reps} after "
+          f"{args.warmup} warm-up", flush=True)
+
+    guidances = {label: from_preset(preset, method, stas=stas, **over)
+                 for label, (method, stas, over) in METHODS.items()}
+    t2 = torch.full((2,), 999, dtype=torch.int64)
+    x2 = x.expand(2, *x.shape[1:])  # (2, C, F, H, W): the [cond, uncond] rows
+    with torch.no_grad():
+        fns = {}
+        for label, guidance in guidances.items():
+            denoise = pipe.denoiser(context, guidance, sigmas)
+            fns[label] = lambda denoise=denoise: denoise(x, sigmas[0].item())
+        fns["forward"] = lambda: model(x2, t2, context)
+        if not args.no_diffusers:
+            ref = diffusers_reference(model, dtype)
+            xr, cr = x2.to(dtype), context.to(dtype)  # diffusers' WanPipeline casts latents and embeds so
+            fns["diffusers"] = lambda: ref(hidden_states=xr, timestep=t2, encoder_hidden_states=cr, return_dict=False)
+        times = median_seconds(fns, args.reps, args.warmup)
+    rows = [(label, g.passes_per_step(), *times[label], branch_blocks(g, c.num_layers))
+            for label, g in guidances.items()]
+    cfg_wall, cfg_cpu = rows[0][2:4]
+    print("\n| method | passes/step | s/step | ratio to CFG | extra = ratio - 1 | ideal extra = b/N/2 | "
+          "extra / ideal | CPU s/step | CPU ratio |\n|---|---|---|---|---|---|---|---|---|")
+    for label, passes, wall, cpu, b in rows:
+        extra, ideal = wall / cfg_wall - 1, b / c.num_layers / 2
+        cmp = f"{extra:+.4f} | {ideal:.4f} (b={b}) | {extra / ideal:.3f}" if b else f"{extra:+.4f} | - | -"
+        print(f"| {label} | {passes} | {wall:.2f} | {wall / cfg_wall:.4f} | {cmp} | {cpu:.2f} | {cpu / cfg_cpu:.4f} |")
+    ours = times["forward"][0]
+    line = f"\nplain [cond, uncond] forward: ours {ours:.2f} s"
+    if "diffusers" in times:
+        ref_s = times["diffusers"][0]
+        line += f", diffusers {ref_s:.2f} s, ours / diffusers = {ours / ref_s:.3f}"
+    print(line)
+    return rows, times
+
+
+if __name__ == "__main__":
+    main()
