@@ -172,7 +172,7 @@ class WanConfig:
 class WanModel(nn.Module):
     """Wan DiT: patch embedding, time/text embeddings, a block loop with perturbation points, head, unpatchify."""
 
-    keep_fp32 = ("modulation", "time_embedding", "time_projection", "norm")  # kept float32 at any load dtype
+    keep_fp32 = ("modulation", "time_embedding", "time_projection", "norm3")  # kept float32 at any load dtype
 
     def __init__(self, config: WanConfig):
         super().__init__()

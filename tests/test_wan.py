@@ -8,7 +8,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors.torch import save_file
 
-from minivdit.checkpoints import CheckpointError
+from minivdit.checkpoints import CheckpointError, load_strict, read_state_dict
 from minivdit.interventions import Perturb, Steer, Zero
 from minivdit.wan import PRESETS, WanConfig, WanModel, from_diffusers, load_wan
 
@@ -208,3 +208,21 @@ def test_branches_equal_separate_passes(model):
         want = [model(x, t, ctx, steer)] + [model(x[r:r + 1], t[r:r + 1], ctx[r:r + 1], p) for r, p in kids]
     assert got.shape[0] == 5
     assert torch.allclose(got, torch.cat(want), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_load_runs_close_to_float32(tiny):
+    """bf16 weights (modulation, time MLP and the cross-attn LN kept fp32) give the fp32 result to bf16 precision."""
+    _, _, root = tiny
+    cfg = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=3, text_dim=32)
+    with torch.device("meta"):
+        model16 = WanModel(cfg)
+    load_strict(model16, read_state_dict(root / "native"), file="native", layout="native", dtype=torch.bfloat16,
+                keep_fp32=WanModel.keep_fp32)
+    assert model16.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert model16.blocks[0].modulation.dtype == model16.time_embedding[0].weight.dtype == torch.float32
+    model32 = WanModel(cfg)
+    model32.load_state_dict(read_state_dict(root / "native"))
+    x, t, ctx = inputs(TINY)
+    with torch.no_grad():
+        got, want = model16(x, t, ctx), model32(x, t, ctx)
+    assert got.dtype == torch.float32 and rel_err(got, want) <= 5e-2
