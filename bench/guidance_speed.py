@@ -130,9 +130,7 @@ def main(argv=None):
     c = preset.config
 
     torch.manual_seed(0)
-    # as load_wan keeps float32, except the q/k RMSNorm weights: a float32 weight makes q, k float32 next to a
-    # bfloat16 v, which SDPA refuses (load_wan(dtype=torch.bfloat16) has that problem today)
-    keep = lambda name: any(s in name for s in WanModel.keep_fp32) and ".norm_" not in name
+    keep = lambda name: any(s in name for s in WanModel.keep_fp32)  # what load_wan keeps float32
     model = cast(build(lambda: WanModel(c), dtype), dtype, keep)
     pipe = WanPipeline(model, None, None, None, args.preset, {})  # the denoiser needs only the DiT
     g = torch.Generator().manual_seed(1)

@@ -3,7 +3,9 @@
     python bench/make_reference_checkpoint.py --out weights/wan2.1-1.3b-random     # once
     python bench/load_memory.py --ckpt weights/wan2.1-1.3b-random
 
-Each load runs in a fresh subprocess; peak RSS is the child's ru_maxrss, minus the RSS it had after imports.
+Each load runs in a fresh subprocess; peak RSS is the child's ru_maxrss, minus the RSS it had after imports, measured
+after every weight has been read once (memory-mapped weights only count once their pages are touched).
+    python bench/load_memory.py --ckpt weights/wan2.1-1.3b-random --dtype bfloat16     # with dtype conversion
 """
 import argparse
 import json
@@ -26,6 +28,9 @@ if kind == "minivdit":
 else:
     model = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype)
 seconds = time.perf_counter() - t0
+with torch.no_grad():  # touch every weight: memory-mapped tensors count once their pages are read
+    for p in model.parameters():
+        p.sum()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 params = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps(dict(kind=kind, seconds=seconds, base=base, peak=peak, params=params)))
