@@ -9,10 +9,8 @@ after every weight has been read once (memory-mapped weights only count once the
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 CHILD = r"""

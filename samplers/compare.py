@@ -96,7 +96,7 @@ def write_tables(out: Path, rows: list[dict], labels: list[str], steps: int) -> 
             w = csv.DictWriter(f, cols, extrasaction="ignore")
             w.writeheader()
             w.writerows({k: "n/a" if r[k] is None else r[k] for k in cols} for r in table)
-    timing = (f"mean wall seconds per step from the per-step callback times, step 1 excluded (warm-up)" if steps > 1
+    timing = ("mean wall seconds per step from the per-step callback times, step 1 excluded (warm-up)" if steps > 1
               else "wall seconds of the single step (no warm-up step to exclude)")
     cell = lambda v: "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")[:48]
     md = [f"# Guidance comparison\n\ns/step: {timing}. overhead: s/step / s/step of cfg on the same prompt and "

@@ -11,7 +11,7 @@ from minivdit import solvers
 from minivdit.checkpoints import CheckpointError
 from minivdit.guidance import Guidance
 from minivdit.pipeline import SampleConfig, WanPipeline, find_checkpoint, tiny_checkpoint
-from minivdit.wan import PRESETS, from_diffusers, load_wan
+from minivdit.wan import load_wan
 from samplers import t2v
 
 
