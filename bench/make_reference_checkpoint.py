@@ -28,7 +28,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import UMT5EncoderModel  # noqa: E402
 
 from minivdit.text import make_tiny_tokenizer, umt5_to_native, umt5_xxl_config  # noqa: E402
-from minivdit.wan import PRESETS, from_diffusers  # noqa: E402
+from minivdit.wan import PRESETS, from_diffusers, native_config  # noqa: E402
 from minivdit.wan_vae import vae_from_diffusers  # noqa: E402
 
 
@@ -61,10 +61,7 @@ def main():
         (out / "native").mkdir(parents=True)
         save_file({from_diffusers(k): v.contiguous() for k, v in dit.state_dict().items()},
                   out / "native" / "diffusion_pytorch_model.safetensors")
-        (out / "native" / "config.json").write_text(json.dumps({
-            "_class_name": "WanModel", "model_type": c.model_type, "dim": c.dim, "eps": c.eps, "ffn_dim": c.ffn_dim,
-            "freq_dim": c.freq_dim, "in_dim": c.in_dim, "num_heads": c.num_heads, "num_layers": c.num_layers,
-            "out_dim": c.out_dim, "text_len": c.text_len}, indent=2))
+        (out / "native" / "config.json").write_text(json.dumps(native_config(c), indent=2))
     del dit
     log("DiT written")
 

@@ -19,7 +19,7 @@ from . import solvers
 from .checkpoints import CheckpointError
 from .guidance import Guidance
 from .text import NEGATIVE_PROMPT, encode_text, load_text_encoder, load_tokenizer, tiny_umt5_config, umt5_xxl_config
-from .wan import PRESETS, WanModel, find_transformer, load_wan
+from .wan import PRESETS, WanModel, find_transformer, load_wan, native_config
 from .wan_vae import WanVAE, load_wan_vae
 
 SOLVERS = {  # name -> (solver, official grid)
@@ -258,10 +258,7 @@ def tiny_checkpoint(root: str | Path = TINY_DIR, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = WanModel(c)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "diffusion_pytorch_model.safetensors")
-        (tmp / "config.json").write_text(json.dumps({
-            "_class_name": "WanModel", "model_type": c.model_type, "dim": c.dim, "ffn_dim": c.ffn_dim,
-            "num_heads": c.num_heads, "num_layers": c.num_layers, "in_dim": c.in_dim, "out_dim": c.out_dim,
-            "freq_dim": c.freq_dim, "text_len": c.text_len, "eps": c.eps}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(native_config(c), indent=2))
         torch.save(WanVAE(dim=preset.vae_dim).state_dict(), tmp / "Wan2.1_VAE.pth")
         tok = make_tiny_tokenizer(tmp / "google" / "umt5-xxl")
         enc = UMT5EncoderModel(tiny_umt5_config(len(tok)))

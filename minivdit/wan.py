@@ -169,6 +169,12 @@ class WanConfig:
     eps: float = 1e-6
 
 
+def native_config(c: WanConfig) -> dict:
+    """The official native `config.json` of a Wan DiT (the keys WanModel.from_pretrained reads)."""
+    keys = ("model_type", "dim", "eps", "ffn_dim", "freq_dim", "in_dim", "num_heads", "num_layers", "out_dim", "text_len")
+    return {"_class_name": "WanModel", **{k: getattr(c, k) for k in keys}}
+
+
 class WanModel(nn.Module):
     """Wan DiT: patch embedding, time/text embeddings, a block loop with perturbation points, head, unpatchify."""
 
