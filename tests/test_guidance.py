@@ -7,20 +7,14 @@ from minivdit.guidance import Guidance, from_preset
 from minivdit.interventions import Perturb, Steer, Zero
 from minivdit.pipeline import SampleConfig, WanPipeline
 from minivdit.solvers import wan_unipc_sigmas
-from minivdit.wan import PRESETS, WanConfig, WanModel
+from minivdit.wan import PRESETS
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.manual_seed(0)
-    m = WanModel(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return WanPipeline(m, None, None, None, "wan2.1-tiny", {})
+def pipe(tiny_model):
+    return WanPipeline(tiny_model, None, None, None, "wan2.1-tiny", {})
 
 
-RUN = SampleConfig("unused", frames=9, height=32, width=48, steps=4)
 
 
 def context():

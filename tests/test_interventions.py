@@ -7,7 +7,6 @@ from hypothesis import given, settings, strategies as st
 
 from minivdit.attention import attention
 from minivdit.interventions import Perturb, Steer, TokenLayout, Zero
-from minivdit.wan import WanConfig, WanModel
 
 # --- token layout ------------------------------------------------------------------------------------------------
 
@@ -98,13 +97,8 @@ def test_perturb_validation():
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = WanModel(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+def model(tiny_model):
+    return tiny_model
 
 
 def inputs(b=2):
