@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .interventions import TokenLayout
-from .video import _atomic
+from .video import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------
 # frame-to-frame consistency (STAS Sec. 4, Fig. 4, Table 2)
@@ -281,7 +281,7 @@ def _figure(path: Path, draw) -> Path:
     fig = plt.figure(figsize=(9, 3.6))
     draw(fig)
     fig.tight_layout()
-    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return Path(path)
 

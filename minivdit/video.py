@@ -33,7 +33,8 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp) on a temporary file in path's folder, then rename it to path (never a half-written file)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
@@ -54,15 +55,20 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, overwrite: 
             for frame in frames:
                 w.append_data(frame)
 
-    _atomic(path, write)
+    atomic_write(path, write)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (a table, a report), atomically."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write `data` as indented JSON, atomically (the sidecar of an mp4 or a report)."""
-    path = Path(path)
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
-    return path
+    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def grid(videos: list[np.ndarray], labels: list[str], cols: int | None = None) -> np.ndarray:

@@ -11,6 +11,7 @@ In OUT: results.csv (one row per method, prompt, seed), summary.csv (averaged ov
 """
 import argparse
 import csv
+import io
 import sys
 import time
 from dataclasses import replace
@@ -26,7 +27,7 @@ from minivdit.guidance import METHODS, from_preset  # noqa: E402
 from minivdit.pipeline import (SOLVERS, SampleConfig, WanPipeline, encode_prompts, find_checkpoint,  # noqa: E402
                                noise, sidecar, tiny_checkpoint)
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
-from minivdit.video import grid, to_uint8, write_json, write_mp4  # noqa: E402
+from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
 from minivdit.wan import PRESETS, open_wan  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,10 +93,11 @@ def write_tables(out: Path, rows: list[dict], labels: list[str], steps: int) -> 
     summary = [{"method": m, **{k: mean([r[k] for r in rows if r["method"] == m]) for k in COLUMNS[3:]}}
                for m in labels]
     for name, table, cols in (("results", rows, COLUMNS), ("summary", summary, ("method", *COLUMNS[3:]))):
-        with open(out / f"{name}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, cols, extrasaction="ignore")
-            w.writeheader()
-            w.writerows({k: "n/a" if r[k] is None else r[k] for k in cols} for r in table)
+        f = io.StringIO()
+        w = csv.DictWriter(f, cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: "n/a" if r[k] is None else r[k] for k in cols} for r in table)
+        write_text(out / f"{name}.csv", f.getvalue())
     timing = ("mean wall seconds per step from the per-step callback times, step 1 excluded (warm-up)" if steps > 1
               else "wall seconds of the single step (no warm-up step to exclude)")
     cell = lambda v: "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")[:48]
@@ -108,7 +110,7 @@ def write_tables(out: Path, rows: list[dict], labels: list[str], steps: int) -> 
                                ("All runs", rows, COLUMNS)):
         md += [f"## {title}\n", "| " + " | ".join(heads.get(c, c) for c in cols) + " |",
                "|" + "---|" * len(cols)] + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in table] + [""]
-    (out / "results.md").write_text("\n".join(md))
+    write_text(out / "results.md", "\n".join(md))
 
 
 def main(argv=None):
