@@ -27,7 +27,8 @@ SOLVERS = {  # name -> (solver, official grid)
     "dpm++": (solvers.sample_dpmpp_2m, solvers.flow_sigmas),
     "euler": (solvers.sample_euler, solvers.flow_sigmas),
 }
-VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE compression (time, height, width)
+VAE_STRIDE = (4, 8, 8)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class SampleConfig:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {list(SOLVERS)}")
         if self.shift <= 0:
             raise ValueError(f"shift={self.shift} must be > 0")
+
+    @classmethod
+    def from_preset(cls, preset, prompt: str, **overrides) -> "SampleConfig":
+        """A run with the preset's frames / size / steps / shift / fps; overrides that are None are ignored."""
+        defaults = {k: getattr(preset, k) for k in ("frames", "height", "width", "steps", "shift", "fps")}
+        return cls(prompt=prompt, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def latent_shape(self, channels: int = 16) -> tuple[int, ...]:
         """(1, C, F, H, W) latent of this run."""

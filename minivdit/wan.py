@@ -171,7 +171,8 @@ class WanConfig:
 
 def native_config(c: WanConfig) -> dict:
     """The official native `config.json` of a Wan DiT (the keys WanModel.from_pretrained reads)."""
-    keys = ("model_type", "dim", "eps", "ffn_dim", "freq_dim", "in_dim", "num_heads", "num_layers", "out_dim", "text_len")
+    keys = ("model_type", "dim", "eps", "ffn_dim", "freq_dim", "in_dim", "num_heads", "num_layers", "out_dim",
+            "text_len")
     return {"_class_name": "WanModel", **{k: getattr(c, k) for k in keys}}
 
 

@@ -49,9 +49,8 @@ def main(argv=None):
     pipe = WanPipeline.load(args.ckpt or tiny_checkpoint(), device=args.device)
     d, c = pipe.preset, pipe.model.config
     pick = lambda v, default: default if v is None else v
-    runs = [SampleConfig(prompt=t, frames=pick(args.frames, d.frames), height=pick(args.height, d.height),
-                         width=pick(args.width, d.width), steps=pick(args.steps, d.steps), shift=d.shift,
-                         seed=args.seed + k) for k, t in enumerate(prompts)]
+    runs = [SampleConfig.from_preset(d, t, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                                     seed=args.seed + k) for k, t in enumerate(prompts)]
     runs[0].check()
     blocks = pick(args.blocks, list(range(c.num_layers)))
     if any(not 0 <= b < c.num_layers for b in blocks):

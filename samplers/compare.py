@@ -24,13 +24,12 @@ import torch  # noqa: E402
 
 from minivdit.analysis import frame_consistency, hf_image_features  # noqa: E402
 from minivdit.guidance import METHODS, from_preset  # noqa: E402
-from minivdit.pipeline import (SOLVERS, SampleConfig, WanPipeline, encode_prompts, find_checkpoint,  # noqa: E402
-                               noise, sidecar, tiny_checkpoint)
+from minivdit.pipeline import (DTYPES, SOLVERS, SampleConfig, WanPipeline, encode_prompts,  # noqa: E402
+                               find_checkpoint, noise, sidecar, tiny_checkpoint)
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
 from minivdit.wan import PRESETS, open_wan  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTIONS = {  # which method-parameter options apply to which methods
     "stas": ("stas_alpha", "stas_p", "stas_steps", "stas_block", "stas_dims"),
     "dg": ("dg_block", "dg_dims", "dg_scale"),
@@ -124,11 +123,9 @@ def main(argv=None):
     found = find_checkpoint(ckpt)  # cheap checks first
     _, _, preset, _ = open_wan(found["transformer"], args.preset)
     d, c = PRESETS[preset], PRESETS[preset].config
-    pick = lambda v, default: default if v is None else v
-    run = SampleConfig(prompt="", negative_prompt=args.negative_prompt, frames=pick(args.frames, d.frames),
-                       height=pick(args.height, d.height), width=pick(args.width, d.width),
-                       steps=pick(args.steps, d.steps), shift=pick(args.shift, d.shift), solver=args.solver,
-                       fps=pick(args.fps, d.fps))
+    run = SampleConfig.from_preset(d, "", negative_prompt=args.negative_prompt, frames=args.frames,
+                                   height=args.height, width=args.width, steps=args.steps, shift=args.shift,
+                                   solver=args.solver, fps=args.fps)
     run.check()
     for group, names in OPTIONS.items():
         given = [n for n in names if getattr(args, n) is not None]

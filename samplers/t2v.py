@@ -7,7 +7,6 @@
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -15,12 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from minivdit.guidance import METHODS, Guidance, from_preset  # noqa: E402
-from minivdit.pipeline import SampleConfig, WanPipeline, encode_prompts, find_checkpoint, sidecar, tiny_checkpoint  # noqa: E402
+from minivdit.pipeline import (DTYPES, SampleConfig, WanPipeline, encode_prompts, find_checkpoint,  # noqa: E402
+                               sidecar, tiny_checkpoint)
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
 from minivdit.video import check_output, to_uint8, write_json, write_mp4  # noqa: E402
 from minivdit.wan import PRESETS, open_wan  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_guidance_args(p):
@@ -83,12 +81,9 @@ def main(argv=None):
     found = find_checkpoint(ckpt, args.vae, args.text_encoder, args.tokenizer)  # cheap checks first
     _, _, preset, _ = open_wan(found["transformer"], args.preset)
     defaults = PRESETS[preset]
-    pick = lambda v, d: d if v is None else v
-    run = SampleConfig(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                       frames=pick(args.frames, defaults.frames), height=pick(args.height, defaults.height),
-                       width=pick(args.width, defaults.width), steps=pick(args.steps, defaults.steps),
-                       shift=pick(args.shift, defaults.shift), solver=args.solver, seed=args.seed,
-                       fps=pick(args.fps, defaults.fps))
+    run = SampleConfig.from_preset(defaults, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
+                                   height=args.height, width=args.width, steps=args.steps, shift=args.shift,
+                                   solver=args.solver, seed=args.seed, fps=args.fps)
     run.check()
     guidance = guidance_from_args(args, defaults)
     guidance.check(run.steps, defaults.config.num_layers, defaults.config.dim)
@@ -102,7 +97,7 @@ def main(argv=None):
     video = pipe(run, guidance, context=context)
     seconds = time.perf_counter() - start
     write_mp4(out, to_uint8(video), run.fps, overwrite=args.overwrite)
-    write_json(out.with_suffix(".json"), sidecar(pipe, replace(run), guidance, seconds))
+    write_json(out.with_suffix(".json"), sidecar(pipe, run, guidance, seconds))
     print(f"wrote {out} ({run.frames} frames, {run.height}x{run.width}, {seconds:.1f} s) and its .json sidecar")
     return out
 
