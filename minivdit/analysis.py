@@ -116,8 +116,25 @@ def hf_image_features(path: str | Path, device: str | torch.device = "cpu",
 # ----------------------------------------------------------------------------------------------------------
 # massive activations (STAS Appendix A.1-A.2, Table A1; Fig. 1e, 2a, 2b)
 
+
+def classify(peaks: torch.Tensor, ratio: float = 50.0, sigmas: float = 3.0, top: int = 5) -> dict:
+    """STAS A.1-A.2 on per-channel peaks (D,): MA channels have peak > ratio x the MEAN of the peaks (not the median);
+    weak-MA channels peak above mu + sigmas x sigma over channels (mu = that mean) without being MA. Each listed
+    channel (largest peak first) carries peak, peak-to-mean and peak-to-median (Table A1's columns)."""
+    p = peaks.double().cpu()
+    mean, med, sd = p.mean().item(), float(np.median(p.numpy())), p.std(correction=0).item()
+    entry = lambda d: {"dim": d, "peak": p[d].item(), "peak_to_mean": p[d].item() / mean if mean > 0 else None,
+                       "peak_to_median": p[d].item() / med if med > 0 else None}
+    by_peak = lambda mask: [entry(int(d)) for d in sorted(torch.nonzero(mask).flatten().tolist(),
+                                                          key=lambda d: -p[d].item())]  # largest first
+    is_ma = p > ratio * mean
+    return {"mean_peak": mean, "median_peak": med, "mu_plus_sigmas": mean + sigmas * sd, "ma": by_peak(is_ma),
+            "weak_ma": by_peak((p > mean + sigmas * sd) & ~is_ma),
+            "top": [entry(d) for d in torch.argsort(p, descending=True)[:top].tolist()]}
+
 class MAStats:
-    """Streaming massive-activation statistics of block outputs, per (sampling step, block), summed over prompts.
+    """Streaming massive-activation statistics of block outputs, per (sampling step, block), summed over prompts
+    (docs/methods.md#ma-analysis).
 
     Use as `Guidance(capture=stats)` with `pipe.sample(..., callback=stats.next_step)`: each call
     `stats(block, h)` with h (B, L, D) adds, for every batch row (cond and uncond), in float64:
@@ -129,10 +146,17 @@ class MAStats:
     Memory: steps x blocks x (4 D + L) float64 numbers; no activation is stored. `report()` averages over rows.
     layout: the token layout of h (WanModel.layout(latent shape)); blocks: the block indices to record (others are
     ignored); steps: sampling steps per prompt; p: the boundary width in percent per side (STAS: 8).
+
+    Order of the reductions. The streaming slots above average each row's per-channel peak (max over tokens, then
+    mean over rows). STAS App. A.1 reads the other way: average |h| over prompts first (running sums), then take the
+    max over tokens. The two differ when prompts peak at different tokens, so they can rank channels differently.
+    `a1_slots` ((step, block), ...) adds the A.1 order for those slots (Table A1 reports block 15, step 5; both are
+    0-based here): a running sum of |h| (L, D) in float64 over the cond rows (row 0 of each capture: the uncond row
+    is the same negative prompt for every prompt), reported under report()["a1"].
     """
 
     def __init__(self, layout: TokenLayout, dim: int, blocks: Sequence[int], steps: int, p: float = 8.0,
-                 profile_dim: int | None = None):
+                 profile_dim: int | None = None, a1_slots: Sequence[tuple[int, int]] = ()):
         self.layout, self.dim, self.blocks, self.steps, self.p = layout, dim, list(blocks), steps, p
         self.slot = {b: k for k, b in enumerate(self.blocks)}
         self.sets = layout.partition(p)  # first, boundary, interior: sequence indices
@@ -147,6 +171,12 @@ class MAStats:
         self.rows = torch.zeros(s, nb, dtype=torch.int64)
         self.profile_dims = [profile_dim] * nb
         self.step, self.prompts = 0, 0
+        for step, block in a1_slots:
+            if not (0 <= step < steps and block in self.slot):
+                raise ValueError(f"A.1 slot (step {step}, block {block}) is not recorded: steps 0..{steps - 1}, "
+                                 f"blocks {self.blocks}")
+        self.a1 = {(s_, b): torch.zeros(layout.num_tokens, dim, dtype=torch.float64) for s_, b in a1_slots}
+        self.a1_rows = dict.fromkeys(self.a1, 0)
 
     def next_step(self, info: dict | None = None) -> None:
         """Advance to the next sampling step (a solver callback; its info["i"] is the step just done); after the
@@ -174,6 +204,9 @@ class MAStats:
             self.pos[s, k] += (w @ a).cpu()  # (3, D)
             self.profile[s, k] += a[:, c].cpu()
         self.rows[s, k] += h.shape[0]
+        if (s, block) in self.a1:  # STAS A.1 order: running sum of |h| over prompts (cond row), max taken at report
+            self.a1[s, block] += h[0].detach().abs().double().cpu()
+            self.a1_rows[s, block] += 1
 
     def _mean(self, x: torch.Tensor) -> torch.Tensor:
         n = self.rows.clamp_min(1).double()
@@ -205,21 +238,13 @@ class MAStats:
         is_ma = torch.zeros(self.steps, len(self.blocks), self.dim, dtype=torch.bool)
         for s, k in torch.nonzero(self.rows > 0).tolist():
             p = peaks[s, k]  # (D,)
-            mean, med, sd = p.mean().item(), float(np.median(p.numpy())), p.std(correction=0).item()
-            mu = mean  # the mean of the per-channel peaks is both the 50x reference and mu
-            is_ma[s, k] = p > ratio * mean
-            strength += p / max(mean, 1e-300)
-            entry = lambda d: {"dim": d, "peak": p[d].item(), "peak_to_mean": p[d].item() / mean if mean > 0 else None,
-                               "peak_to_median": p[d].item() / med if med > 0 else None}
-            by_peak = lambda mask: [entry(int(d)) for d in sorted(torch.nonzero(mask).flatten().tolist(),
-                                                                  key=lambda d: -p[d].item())]  # largest first
-            ma, weak = by_peak(is_ma[s, k]), by_peak((p > mu + sigmas * sd) & ~is_ma[s, k])
-            for counts, found in ((ma_count, ma), (weak_count, weak)):
+            slot = classify(p, ratio, sigmas, top)
+            is_ma[s, k] = p > ratio * slot["mean_peak"]
+            strength += p / max(slot["mean_peak"], 1e-300)
+            for counts, found in ((ma_count, slot["ma"]), (weak_count, slot["weak_ma"])):
                 for e in found:
                     counts[e["dim"]] = counts.get(e["dim"], 0) + 1
-            slots.append({"step": s, "block": self.blocks[k], "rows": int(self.rows[s, k]), "mean_peak": mean,
-                          "median_peak": med, "mu_plus_sigmas": mu + sigmas * sd, "ma": ma, "weak_ma": weak,
-                          "top": [entry(d) for d in torch.argsort(p, descending=True)[:top].tolist()],
+            slots.append({"step": s, "block": self.blocks[k], "rows": int(self.rows[s, k]), **slot,
                           "profile": {"dim": self.profile_dims[k],
                                       **self._frame_means(self.profile[s, k] / self.rows[s, k])}})
         most = max(ma_count.values(), default=0)
@@ -248,7 +273,9 @@ class MAStats:
                 "lead_is_ma": bool(ma_channels), "stas": {"dims": ma_channels, "block": block},
                 "stas_flags": f"--stas-dims {dims} --stas-block {block}" if ma_channels else "",
                 "dg_flags": f"--dg-dims {dims} --dg-block {block}" if ma_channels else "",
-                "positional": positional, "slots": slots}
+                "positional": positional, "slots": slots,
+                "a1": [{"step": s_, "block": b, "prompts": n, **classify((a / n).amax(dim=0), ratio, sigmas, top)}
+                       for (s_, b), a in self.a1.items() if (n := self.a1_rows[s_, b])]}
 
     def _frame_means(self, profile: torch.Tensor) -> dict:
         """Per token frame: the mean of a token profile (L,) over its boundary B(p) and interior tokens."""

@@ -122,15 +122,17 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, e0, context, rope, identity_attn: bool = False):
-        """x: (B, L, dim); e0: (B, 1 or L, 6, dim) float32 time projection; context: (B, L_text, dim)."""
-        mod = (self.modulation.float() + e0).unbind(2)  # 6 x (B, 1 or L, dim), float32
-        shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
-        h = self.norm1(x.float()) * (1 + scale_sa) + shift_sa
-        x = x + (self.self_attn(h.type_as(x), rope=rope, identity=identity_attn).float() * gate_sa).type_as(x)
-        x = x + self.cross_attn(self.norm3(x.float()).type_as(x), context)
-        h = self.norm2(x.float()) * (1 + scale_ffn) + shift_ffn
-        x = x + (self.ffn(h.type_as(x)).float() * gate_ffn).type_as(x)
-        return x
+        """x: (B, L, dim) float32 residual stream; e0: (B, 1 or L, 6, dim) float32 time projection; context:
+        (B, L_text, dim) in the parameter dtype. Precision as the official bf16 autocast (models.md §0.1): the residual
+        stream, norms and modulation stay float32, only the matrix products and attention run in the parameter
+        dtype (bf16 keeps massive activations, ~1e3, to 3 significant digits: bench/bf16_residual.py)."""
+        dtype = self.self_attn.q.weight.dtype
+        shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).unbind(2)
+        h = self.norm1(x) * (1 + scale_sa) + shift_sa  # float32
+        x = x + self.self_attn(h.to(dtype), rope=rope, identity=identity_attn).float() * gate_sa
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
+        h = self.norm2(x) * (1 + scale_ffn) + shift_ffn
+        return x + self.ffn(h.to(dtype)).float() * gate_ffn
 
 
 class Head(nn.Module):
@@ -143,9 +145,10 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x, e):
-        """x: (B, L, dim), e: (B, 1 or L, dim) float32 -> (B, L, out_features)."""
+        """x: (B, L, dim) float32, e: (B, 1 or L, dim) float32 -> (B, L, out_features) float32 (the official head
+        runs wholly in float32; its Linear is kept float32 at any load dtype)."""
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # (B, 1 or L, dim) each
-        return self.head((self.norm(x.float()) * (1 + scale) + shift).type_as(x))
+        return self.head(self.norm(x) * (1 + scale) + shift)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ def native_config(c: WanConfig) -> dict:
 class WanModel(nn.Module):
     """Wan DiT: patch embedding, time/text embeddings, a block loop with perturbation points, head, unpatchify."""
 
-    keep_fp32 = ("modulation", "time_embedding", "time_projection", "norm3")  # kept float32 at any load dtype
+    keep_fp32 = ("modulation", "time_embedding", "time_projection", "norm3", "head.")  # float32 at any load dtype
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -216,11 +219,12 @@ class WanModel(nn.Module):
         for p in (perturb, *(p for _, p in branches)):
             p.validate(c.num_layers, c.dim)
 
-        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (B, L, dim)
+        dtype = self.patch_embedding.weight.dtype  # the parameter dtype of the matrix products
+        h = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).float()  # (B, L, dim) float32 residual
         t = t.reshape(b, -1)  # (B, 1) or (B, L)
         e = self.time_embedding(sinusoidal_embedding(t, c.freq_dim).float())  # (B, 1 or L, dim) float32
         e0 = self.time_projection(e).unflatten(-1, (6, c.dim))  # (B, 1 or L, 6, dim)
-        context = self.text_embedding(context.to(h.dtype))  # (B, text_len, dim)
+        context = self.text_embedding(context.to(dtype))  # (B, text_len, dim)
         rope = rope_angles(grid, c.dim // c.num_heads, device=x.device)
 
         # a group = rows that follow one Perturb: [h, e, e0, context, perturb]
@@ -283,19 +287,21 @@ STAS_TABLE = {"wan2.1-t2v-1.3b": dict(dims=(1188,), block=9, alpha=2.5, p=8.0, s
               "cogvideox-5b": dict(dims=(1982,), block=8, alpha=1.2, p=8.0, steps=20)}
 
 PRESETS = {
-    # STAS: Tables A2-A3. DG: the STAS MA channel zeroed at the STAS block, w = 1 (DG Table 5's CFG+DG weight; the DG
-    # paper has no video model). STG: the official STGuidance Wan default, block 2 skipped (STG-R), scale 1.
+    # STAS: Tables A2-A3. DG: the STAS MA channel zeroed at the STAS block, w = 1 (our choice: the DG paper has no
+    # video model; w = 1 is its Table 5 CFG+DG weight). STG: block 2 skipped (STG-R), the default block of the
+    # official STGuidance Wan pipeline; the scale is not a preset value (guidance.STG_SCALE: the STG appendix's
+    # 1.0 for STG-R, 2.0 for STG-A; the official pipeline's default scale is 0 = off, its one Wan example uses 2.0).
     "wan2.1-t2v-1.3b": Preset(WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
                               stas=STAS_TABLE["wan2.1-t2v-1.3b"],
                               dg=dict(dims=(1188,), block=9, scale=1.0),
-                              stg=dict(blocks=(2,), mode="R", scale=1.0)),
+                              stg=dict(blocks=(2,), mode="R")),
     "wan2.1-t2v-14b": Preset(WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-                             height=720, width=1280, stg=dict(blocks=(2,), mode="R", scale=1.0)),
+                             height=720, width=1280, stg=dict(blocks=(2,), mode="R")),
     # the embedded default: a tiny Wan-architecture model, random weights (see pipeline.tiny_checkpoint)
     "wan2.1-tiny": Preset(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32),
                           vae_dim=8, text_encoder="tiny", steps=8, frames=9, height=64, width=64, fps=8,
                           stas=dict(dims=(3,), block=1, alpha=2.5, p=8.0, steps=4),
-                          dg=dict(dims=(3,), block=1, scale=1.0), stg=dict(blocks=(2,), mode="R", scale=1.0)),
+                          dg=dict(dims=(3,), block=1, scale=1.0), stg=dict(blocks=(2,), mode="R")),
 }
 
 

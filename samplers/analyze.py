@@ -27,6 +27,9 @@ def parse(argv=None):
         p.add_argument(f"--{name}", type=int, default=None, help="default: the preset's")
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks to record (0-based; default all)")
     p.add_argument("--p", type=float, default=8.0, help="boundary width in percent of a frame per side")
+    p.add_argument("--a1", default=None, help="STAS App. A.1-order slots 'step:block,...' (0-based; mean |h| over "
+                                              "prompts, then max over tokens: Table A1's columns); default 5:15 "
+                                              "when the run has them, 'none' to skip")
     p.add_argument("--seed", type=int, default=0, help="prompt k uses seed + k")
     p.add_argument("--plot-step", type=int, default=None, help="default: min(5, steps - 1)")
     p.add_argument("--plot-block", type=int, default=None, help="default: the middle recorded block")
@@ -55,7 +58,12 @@ def main(argv=None):
     blocks = pick(args.blocks, list(range(c.num_layers)))
     if any(not 0 <= b < c.num_layers for b in blocks):
         raise ValueError(f"--blocks {blocks}: the model has blocks 0..{c.num_layers - 1}")
-    stats = MAStats(pipe.model.layout(runs[0].latent_shape(c.in_dim)), c.dim, blocks, runs[0].steps, p=args.p)
+    if args.a1 is None:  # Table A1's slot (block 15, step 5) when this run records it
+        a1 = [(5, 15)] if runs[0].steps > 5 and 15 in blocks else []
+    else:
+        a1 = [] if args.a1 == "none" else [tuple(int(v) for v in pair.split(":")) for pair in args.a1.split(",")]
+    stats = MAStats(pipe.model.layout(runs[0].latent_shape(c.in_dim)), c.dim, blocks, runs[0].steps, p=args.p,
+                    a1_slots=a1)
     guidance = Guidance(method="cfg", guidance_scale=d.guidance_scale, capture=stats)
     for k, run in enumerate(runs):
         print(f"[{k + 1}/{len(runs)}] {run.prompt[:70]}")
@@ -69,6 +77,10 @@ def main(argv=None):
     pngs = write_plots(stats, report, out, args.plot_step, args.plot_block)
     write_json(out / "report.json", report)
     print(f"wrote {out / 'report.json'} and {len(pngs)} plots in {out}")
+    for slot in report["a1"]:
+        print(f"A.1 (step {slot['step']}, block {slot['block']}, {slot['prompts']} prompts): " + "; ".join(
+            f"{kind} {e['dim']}: max {e['peak']:.4g}, peak/mean {e['peak_to_mean']:.3g}, peak/median "
+            f"{e['peak_to_median']:.3g}" for kind in ("ma", "weak_ma") for e in slot[kind]) or "no MA / weak-MA")
     if report["ma_channels"]:
         print(f"MA channels (peak > {report['protocol']['ratio']:g}x mean peak): {report['ma_channels']}")
         print(f"STAS: {report['stas_flags']}\nDG:   {report['dg_flags']}")

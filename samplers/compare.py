@@ -23,18 +23,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from minivdit.analysis import frame_consistency, hf_image_features  # noqa: E402
-from minivdit.guidance import METHODS, from_preset  # noqa: E402
+from minivdit.guidance import METHODS, OPTIONS, from_preset, uses  # noqa: E402
 from minivdit.pipeline import (DTYPES, SOLVERS, SampleConfig, WanPipeline, encode_prompts,  # noqa: E402
                                find_checkpoint, noise, sidecar, tiny_checkpoint)
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
 from minivdit.wan import PRESETS, open_wan  # noqa: E402
+from samplers.t2v import add_guidance_args  # noqa: E402
 
-OPTIONS = {  # which method-parameter options apply to which methods
-    "stas": ("stas_alpha", "stas_p", "stas_steps", "stas_block", "stas_dims"),
-    "dg": ("dg_block", "dg_dims", "dg_scale"),
-    "stg": ("stg_blocks", "stg_mode", "stg_scale", "stg_rescale"),
-}
 COLUMNS = ("method", "prompt", "seed", "passes_per_step", "seconds_per_step", "overhead_vs_cfg", "cross_chunk",
            "within_chunk", "all")
 
@@ -52,10 +48,10 @@ def parse_methods(spec: str) -> list[str]:
     return labels if "cfg" in labels else ["cfg", *labels]
 
 
-def groups(label: str) -> list[str]:
-    """The OPTIONS groups that apply to a method label."""
+def options_for(label: str, args) -> dict:
+    """The guidance options of `args` that the method label ('dg', 'cfg+stas', ...) uses (guidance.OPTIONS)."""
     method, _, stas = label.partition("+")
-    return ["stas"] * bool(stas) + ["dg"] * (method == "dg") + ["stg"] * method.startswith("stg")
+    return {name: getattr(args, name) for name, _, group, _ in OPTIONS if uses(method, bool(stas), group)}
 
 
 def parse(argv=None):
@@ -72,12 +68,7 @@ def parse(argv=None):
                       ("fps", int), ("guidance-scale", float)):
         p.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
     p.add_argument("--solver", default="unipc", choices=list(SOLVERS))
-    ints = lambda s: tuple(int(v) for v in s.split(","))
-    g = p.add_argument_group("method parameters (default: the preset's)")
-    for name, typ in (("stas-alpha", float), ("stas-p", float), ("stas-steps", int), ("stas-block", int),
-                      ("stas-dims", ints), ("dg-block", int), ("dg-dims", ints), ("dg-scale", float),
-                      ("stg-blocks", ints), ("stg-mode", str), ("stg-scale", float), ("stg-rescale", float)):
-        g.add_argument(f"--{name}", type=typ, default=None)
+    add_guidance_args(p)  # every option of guidance.OPTIONS, as in t2v.py; each goes to the methods that use it
     p.add_argument("--features", default=None, help="local DINO / CLIP folder for frame consistency (default: pixels)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="DiT weights dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,13 +118,13 @@ def main(argv=None):
                                    height=args.height, width=args.width, steps=args.steps, shift=args.shift,
                                    solver=args.solver, fps=args.fps)
     run.check()
-    for group, names in OPTIONS.items():
-        given = [n for n in names if getattr(args, n) is not None]
-        if given and not any(group in groups(m) for m in labels):
-            raise ValueError(f"{['--' + n.replace('_', '-') for n in given]} given, but no method in --methods "
-                             f"uses {group.upper()}")
+    given = [name for name, *_ in OPTIONS if getattr(args, name) is not None]
+    unused = [n for n in given if all(options_for(m, args).get(n) is None for m in labels)]
+    if unused:
+        raise ValueError(f"{['--' + n.replace('_', '-') for n in unused]} given, but no method in --methods uses "
+                         f"{'it' if len(unused) == 1 else 'them'} (see --help: each option names its method)")
     guidances = {m: from_preset(d, m.partition("+")[0], stas=m.endswith("+stas"), guidance_scale=args.guidance_scale,
-                                **{n: getattr(args, n) for gr in groups(m) for n in OPTIONS[gr]}) for m in labels}
+                                **options_for(m, args)) for m in labels}
     for g in guidances.values():
         g.check(run.steps, c.num_layers, c.dim)
     out = Path(args.out)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from minivdit.guidance import METHODS, Guidance, from_preset  # noqa: E402
+from minivdit.guidance import METHODS, OPTIONS, STG_RESCALE_ON, Guidance, from_preset  # noqa: E402
 from minivdit.pipeline import (DTYPES, SampleConfig, WanPipeline, encode_prompts, find_checkpoint,  # noqa: E402
                                sidecar, tiny_checkpoint)
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
@@ -22,34 +22,18 @@ from minivdit.wan import PRESETS, open_wan  # noqa: E402
 
 
 def add_guidance_args(p):
-    """Guidance method and its parameters; None means the preset's value (STAS Tables A2-A3, DG, STG presets)."""
-    g = p.add_argument_group("guidance (defaults: the preset's settings)")
-    g.add_argument("--method", default="cfg", help=f"one of {', '.join(METHODS)}")
-    g.add_argument("--stas", action="store_true", help="add STAS (steer MA channels on F0 and B(p) tokens)")
-    ints = lambda s: tuple(int(v) for v in s.split(","))
-    for name, typ, what in (("stas-alpha", float, "STAS alpha (>= 0)"), ("stas-p", float, "boundary percent [0, 50]"),
-                            ("stas-steps", int, "K: steer during the first K steps"),
-                            ("stas-block", int, "block m (0-based) whose output is steered"),
-                            ("stas-dims", ints, "MA channels, comma separated"),
-                            ("stas-tokens", str, "first | boundary | first+boundary"),
-                            ("stas-rule", str, "max | scaling"), ("stas-omega", float, "scaling rule: (1 + omega) h"),
-                            ("dg-block", int, "DG: block m (0-based) whose MA channels are zeroed"),
-                            ("dg-dims", ints, "DG: MA channels"), ("dg-scale", float, "DG weight w"),
-                            ("stg-blocks", ints, "STG: perturbed blocks (0-based)"), ("stg-mode", str, "STG: R or A"),
-                            ("stg-scale", float, "STG scale s"), ("stg-rescale", float, "STG Alg. 4 rescale in [0, 1]"),
-                            ("zero-init-steps", int, "CFG-Zero*: steps with v = 0"), ("apg-eta", float, "APG eta"),
-                            ("apg-norm-threshold", float, "APG norm threshold (0 = off)"),
-                            ("apg-momentum", float, "APG momentum")):
-        g.add_argument(f"--{name}", type=typ, default=None, help=what)
+    """Every guidance option of guidance.OPTIONS (also used by compare.py); None means the preset's value."""
+    g = p.add_argument_group("guidance parameters (default: the preset's settings; each belongs to one method)")
+    for name, typ, group, what in OPTIONS:
+        extra = dict(nargs="?", const=STG_RESCALE_ON) if name == "stg_rescale" else {}
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"[{group}] {what}", **extra)
 
 
-def guidance_from_args(args, preset) -> Guidance:
-    """The Guidance the guidance arguments describe, on top of the preset's settings."""
-    names = ("stas_alpha", "stas_p", "stas_steps", "stas_block", "stas_dims", "stas_tokens", "stas_rule", "stas_omega",
-             "dg_block", "dg_dims", "dg_scale", "stg_blocks", "stg_mode", "stg_scale", "stg_rescale",
-             "zero_init_steps", "apg_eta", "apg_norm_threshold", "apg_momentum")
-    return from_preset(preset, args.method, stas=args.stas, guidance_scale=args.guidance_scale,
-                       **{k: getattr(args, k) for k in names})
+def guidance_from_args(args, preset, method: str, stas: bool) -> Guidance:
+    """The Guidance the guidance arguments describe, on top of the preset's settings (options of other methods
+    than `method` are refused by from_preset)."""
+    return from_preset(preset, method, stas=stas, guidance_scale=args.guidance_scale,
+                       **{name: getattr(args, name) for name, *_ in OPTIONS})
 
 
 def parse(argv=None):
@@ -66,6 +50,8 @@ def parse(argv=None):
                       ("guidance-scale", float), ("fps", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
     p.add_argument("--solver", default="unipc", choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--method", default="cfg", choices=METHODS, help="guidance method (docs/methods.md)")
+    p.add_argument("--stas", action="store_true", help="add STAS (steer MA channels on F0 and B(p) tokens)")
     add_guidance_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="DiT weights dtype")
@@ -85,7 +71,7 @@ def main(argv=None):
                                    height=args.height, width=args.width, steps=args.steps, shift=args.shift,
                                    solver=args.solver, seed=args.seed, fps=args.fps)
     run.check()
-    guidance = guidance_from_args(args, defaults)
+    guidance = guidance_from_args(args, defaults, args.method, args.stas)
     guidance.check(run.steps, defaults.config.num_layers, defaults.config.dim)
     out = check_output(args.output, args.overwrite)
 

@@ -111,7 +111,7 @@ def test_hf_image_features_local_tiny_model(tmp_path, kind):
 # ----------------------------------------------------------------------------------------------------------
 # massive activations
 
-from minivdit.analysis import MAStats, write_plots  # noqa: E402
+from minivdit.analysis import MAStats, classify, write_plots  # noqa: E402
 from minivdit.interventions import TokenLayout  # noqa: E402
 
 
@@ -288,3 +288,39 @@ def test_analyze_script_end_to_end(tmp_path, capsys):
     assert (tmp_path / "ma" / "token_profile_b1_s0.png").exists()
     with pytest.raises(ValueError, match="blocks 0..3"):
         analyze.main(args[:-5] + ["--blocks", "4", "--out", str(tmp_path / "bad")])
+
+
+def test_ma_rule_uses_the_mean_not_the_median_of_the_peaks():
+    # 100 channels: 90 peak at 1, 9 at 100, channel 0 at 3000. Median 1, mean (90 + 900 + 3000) / 100 = 39.9:
+    # channel 0 is 3000x the median and 75x the mean (MA); the 100-peak channels are 100x the median but 2.5x the
+    # mean (not MA under STAS A.1's peak-to-mean rule).
+    peaks = torch.ones(100, dtype=torch.float64)
+    peaks[1:10], peaks[0] = 100.0, 3000.0
+    r = classify(peaks, ratio=50.0)
+    assert r["median_peak"] == 1.0 and r["mean_peak"] == pytest.approx(39.9)
+    assert [e["dim"] for e in r["ma"]] == [0]
+    assert r["ma"][0]["peak_to_mean"] == pytest.approx(3000 / 39.9) and r["ma"][0]["peak_to_median"] == 3000.0
+
+
+def test_a1_order_averages_over_prompts_before_the_token_max():
+    # channel 1 peaks at 100 on token 0 for prompt A and on token 1 for prompt B; channel 2 is 70 on token 0 for
+    # both. Per-prompt maxima averaged (streaming slots): ch1 100 > ch2 70. A.1 order (mean |h| over prompts, then
+    # max over tokens): ch1 (100 + 0.5) / 2 < ch2 70.
+    layout = TokenLayout(frames=1, height=2, width=2)
+    stats = MAStats(layout, 4, blocks=[0, 1], steps=2, p=0.0, a1_slots=[(1, 0)])
+    for token in (0, 1):
+        for step in range(2):
+            h = torch.full((2, layout.num_tokens, 4), 0.5)
+            h[:, token, 1], h[:, 0, 2] = 100.0, -70.0
+            h[1] = 0.0  # the uncond row is not part of the A.1 average
+            stats(0, h)
+            stats.next_step()
+    r = stats.report(ratio=1.5)
+    streaming = next(s for s in r["slots"] if (s["step"], s["block"]) == (1, 0))
+    assert [e["dim"] for e in streaming["top"][:2]] == [1, 2]
+    (a1,) = r["a1"]
+    assert (a1["step"], a1["block"], a1["prompts"]) == (1, 0, 2)
+    assert [e["dim"] for e in a1["top"][:2]] == [2, 1]
+    assert a1["top"][0]["peak"] == pytest.approx(70.0) and a1["top"][1]["peak"] == pytest.approx(50.25)  # (100 + 0.5) / 2
+    with pytest.raises(ValueError, match="A.1 slot"):
+        MAStats(layout, 4, blocks=[0], steps=2, a1_slots=[(5, 15)])

@@ -142,7 +142,7 @@ def test_from_preset_uses_the_paper_tables():
     assert g.stas == Steer(block=9, dims=(1188,), alpha=2.5, p=8.0) and g.stas_steps == 20 and g.guidance_scale == 5.0
     g = from_preset(p, "dg", stas=True, stas_alpha=3.0, dg_scale=2.0)
     assert g.stas.alpha == 3.0 and g.dg == Zero(9, (1188,)) and g.dg_scale == 2.0
-    with pytest.raises(ValueError, match="without --stas"):
+    with pytest.raises(ValueError, match=r"--stas-alpha belongs to STAS \(add --stas\)"):
         from_preset(p, "cfg", stas_alpha=3.0)
     with pytest.raises(ValueError, match="no DG settings"):
         from_preset(PRESETS["wan2.1-t2v-14b"], "dg")
