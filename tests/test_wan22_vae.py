@@ -134,6 +134,32 @@ def test_parity_with_diffusers(tiny, references, layout, frames):
     assert x.abs().max() <= 1.0 and (x_ref.abs() < 1).float().mean() > 0.9  # clamped, but not saturated
 
 
+def test_parity_narrowing_temporal_stage():
+    """temperal_downsample [True, True, False] (the official `_video_vae` default that the Wan2.2 wrapper
+    overrides): the decoder's third stage upsamples in time while halving the width, so DupUp3D repeats each
+    channel 4 times, not 8, its two output frames differ, and only keeping frame ft-1 on the first chunk matches
+    (in the real config every temporal stage keeps its width and both frames are equal)."""
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(base_dim=8, decoder_base_dim=12, z_dim=48, is_residual=True, in_channels=12,
+                           out_channels=12, patch_size=2, scale_factor_spatial=16,
+                           temperal_downsample=[True, True, False]).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    vae = WanVAE22(dim=8, dec_dim=12, temperal_downsample=(True, True, False)).eval()
+    vae.load_state_dict(vae_from_diffusers(ref.state_dict(), residual=True), strict=True)
+    assert vae.decoder.upsamples[2].avg_shortcut.repeats == 4 and vae.decoder.upsamples[2].avg_shortcut.factor_t == 2
+    torch.manual_seed(1)
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    latent = torch.randn(1, 48, 3, 2, 2)
+    z, x = vae.encode(video), vae.decode(latent)
+    z_ref, x_ref = ref_encode(ref, video), ref_decode(ref, latent)
+    assert x.shape == video.shape
+    assert rel_err(z, z_ref) <= TOL, rel_err(z, z_ref)
+    assert rel_err(x, x_ref) <= TOL, rel_err(x, x_ref)
+
+
 def test_streaming_matches_full_decode(tiny):
     _, d = tiny
     vae = load_wan_vae(d / FILES["native"])
