@@ -152,15 +152,6 @@ def test_native_half_safetensors_with_prefix(tiny, tmp_path, prefix):
     assert x.dtype == torch.bfloat16 and x.shape == (1, 3, 5, 16, 16) and torch.isfinite(x).all()
 
 
-def test_wan22_vae_is_refused(tmp_path):
-    torch.manual_seed(0)
-    ref = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, is_residual=True, in_channels=12,
-                           out_channels=12, patch_size=2, scale_factor_spatial=16)
-    ref.save_pretrained(tmp_path / "vae")
-    with pytest.raises(CheckpointError, match="Wan2.2"):
-        load_wan_vae(tmp_path / "vae")
-
-
 def test_not_a_vae_checkpoint(tmp_path):
     torch.save({"blocks.0.weight": torch.zeros(2)}, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match="not a Wan VAE checkpoint"):
