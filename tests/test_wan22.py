@@ -151,10 +151,10 @@ def test_ti2v_text_to_video_loop_matches_diffusers(ti2v):
     assert torch.allclose(sigmas.float(), sch.sigmas.float(), rtol=0, atol=1e-7)
     got = pipe.sample(run_for(latents.shape, steps, shift, 16), Guidance(guidance_scale=scale), context=ctx,
                       sigmas=sigmas, x=latents, progress=False)
-    assert seen[0].shape == (2, 3 * 2 * 3) and (seen[0] == 999).all()  # per-token timesteps, all at t
     err = rel_err(got, want)
     print(f"TI2V t2v 3-step loop: max|diff|/max|ref| = {err:.2e}")
     assert err <= 1e-4
+    assert seen[0].shape == (2, 3 * 2 * 3) and (seen[0] == 999).all()  # per-token timesteps, all at t
 
 
 def tiny_vae22(seed=5):
@@ -174,7 +174,7 @@ def ti2v_i2v_reference(ref, image, latents, ctx, steps, shift, scale):
     pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=sch, transformer=ref,
                                    expand_timesteps=True)
     _, _, f, h, w = latents.shape
-    want = pipe(image=image[None], prompt_embeds=ctx[:1], negative_prompt_embeds=ctx[1:], height=h * 16,
+    want = pipe(image=(image[None] + 1) / 2, prompt_embeds=ctx[:1], negative_prompt_embeds=ctx[1:], height=h * 16,
                 width=w * 16, num_frames=(f - 1) * 4 + 1, num_inference_steps=steps, guidance_scale=scale,
                 latents=latents.clone(), output_type="latent", return_dict=False)[0]
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
@@ -184,6 +184,23 @@ def ti2v_i2v_reference(ref, image, latents, ctx, steps, shift, scale):
     return want, z0, sch
 
 
+def official_form_loop(ref, z0, latents, ctx, steps, shift, guidance):
+    """The official `textimage2video.py` i2v loop written with diffusers parts: latent frame 0 := z0 at the start
+    and after every scheduler step, frame-0 tokens at t = 0, the guidance combine on the re-imposed latent."""
+    sch = scheduler(shift)
+    sch.set_timesteps(steps)
+    mask = torch.ones_like(latents)
+    mask[:, :, 0] = 0
+    x, state = (1 - mask) * z0 + mask * latents, {}
+    for i, t in enumerate(sch.timesteps):
+        ts = (mask[0, 0][:, ::2, ::2] * t).flatten()[None]
+        with torch.no_grad():
+            c, u = (ref(hidden_states=x, timestep=ts, encoder_hidden_states=e).sample for e in (ctx[:1], ctx[1:]))
+        v = guidance.combine({"cond": c, "uncond": u}, x, sch.sigmas[i].item(), i, state)
+        x = (1 - mask) * z0 + mask * sch.step(v, t, x, return_dict=False)[0]
+    return x
+
+
 @pytest.mark.parametrize("guidance", ["cfg", "apg"])
 def test_ti2v_image_to_video_loop_matches_diffusers(ti2v, guidance):
     """3 steps of TI2V image-to-video vs diffusers WanImageToVideoPipeline(expand_timesteps=True), with diffusers'
@@ -191,7 +208,7 @@ def test_ti2v_image_to_video_loop_matches_diffusers(ti2v, guidance):
 
     diffusers blends only the model input and replaces frame 0 at the end; minivdit pins frame 0 in the solver
     state (official form). For CFG (element-wise) the two agree. For APG, whose x0 = x - sigma v uses x, they do
-    not: there the test checks that the combine saw the pinned x (frame 0 = z0 at every step)."""
+    not: there minivdit must equal the official form (`official_form_loop`) and differ from diffusers'."""
     ref, root = ti2v
     steps, shift, scale = 3, 5.0, 5.0
     g = torch.Generator().manual_seed(4)
@@ -209,16 +226,20 @@ def test_ti2v_image_to_video_loop_matches_diffusers(ti2v, guidance):
         Guidance(method="apg", guidance_scale=scale, apg_norm_threshold=0.0)
     got = pipe.sample(run_for(latents.shape, steps, shift, 16), method, context=ctx, sigmas=sigmas, x=latents,
                       progress=False, first_frame=z0)
-    n = 2 * 3
-    assert all((t[:, :n] == 0).all() and (t[:, n:] > 0).all() for t in seen_t)  # frame-0 tokens at t = 0
-    assert all(torch.equal(x0, z0.expand(2, -1, -1, -1, -1)) for x0 in seen_x)  # model input frame 0 = z0
-    assert torch.equal(got[:, :, :1], z0)
     err = rel_err(got, want)
     print(f"TI2V i2v 3-step loop ({guidance}): max|diff|/max|ref| = {err:.2e}")
     if guidance == "cfg":
         assert err <= 1e-4
-    else:  # APG's x0 sees the pinned frame 0 here and diffusers' drifting one there: frames >= 1 differ
+    else:  # APG's x0 sees the pinned frame 0 here and diffusers' drifting one there: frames >= 1 differ ...
         assert err > 1e-3
+        official = official_form_loop(ref, z0, latents, ctx, steps, shift, method)  # ... and the official form agrees
+        err = rel_err(got, official)
+        print(f"TI2V i2v 3-step loop (apg) vs the official re-impose form: max|diff|/max|ref| = {err:.2e}")
+        assert err <= 1e-4
+    n = 2 * 3
+    assert all((t[:, :n] == 0).all() and (t[:, n:] > 0).all() for t in seen_t)  # frame-0 tokens at t = 0
+    assert all(torch.equal(x0, z0.expand(2, -1, -1, -1, -1)) for x0 in seen_x)  # model input frame 0 = z0
+    assert torch.equal(got[:, :, :1], z0)
 
 
 def test_ti2v_sizes_and_conditions_are_checked(ti2v):
@@ -251,7 +272,7 @@ def a14b_loop_reference(high, low, ctx, latents, steps, shift, scales, boundary_
         pipe = DiffusersWanPipeline(vae=None, **kw)
     else:
         pipe = WanImageToVideoPipeline(vae=vae, **kw)
-        args["image"] = image[None]
+        args["image"] = (image[None] + 1) / 2  # diffusers takes image tensors in [0, 1] and maps them to [-1, 1]
     return pipe(**args)[0], sch
 
 
@@ -296,11 +317,11 @@ def test_a14b_t2v_loop_matches_diffusers(t2v_experts, tmp_path):
     assert {k: g.guidance_scale for k, g in guidance.items()} == {"high": 4.0, "low": 3.0}
     got = pipe.sample(run_for(latents.shape, steps, shift, 8), guidance, context=ctx,
                       sigmas=solvers.diffusers_unipc_sigmas(steps, shift), x=latents, progress=False)
-    assert pipe.expert_steps == ["high"] * SWITCH_STEP + ["low"] * (steps - SWITCH_STEP)
-    assert pipe.loads == ["high", "low"]
     err = rel_err(got, want)
     print(f"T2V-A14B 4-step loop, switch at step {SWITCH_STEP}: max|diff|/max|ref| = {err:.2e}")
     assert err <= 1e-4
+    assert pipe.expert_steps == ["high"] * SWITCH_STEP + ["low"] * (steps - SWITCH_STEP)
+    assert pipe.loads == ["high", "low"]
 
 
 @pytest.mark.parametrize("layout", ["native", "diffusers"])
@@ -375,9 +396,9 @@ def test_i2v_a14b_loop_matches_diffusers(tmp_path):
     guidance = {"high": Guidance(guidance_scale=3.5), "low": Guidance(guidance_scale=2.5)}
     got = pipe.sample(run_for(latents.shape, steps, shift, 8), guidance, context=ctx,
                       sigmas=solvers.diffusers_unipc_sigmas(steps, shift), x=latents, progress=False, concat=y)
-    assert pipe.expert_steps == ["high"] * SWITCH_STEP + ["low"] * (steps - SWITCH_STEP)
     err = rel_err(got, want)
     print(f"I2V-A14B 4-step loop, 36-channel input, switch at step {SWITCH_STEP}: max|diff|/max|ref| = {err:.2e}")
     assert err <= 1e-4
+    assert pipe.expert_steps == ["high"] * SWITCH_STEP + ["low"] * (steps - SWITCH_STEP)
     with pytest.raises(ValueError, match="image-to-video: pass concat"):
         pipe.sample(run_for(latents.shape, steps, shift, 8), guidance, context=ctx, progress=False)
