@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import solvers
 from .checkpoints import CheckpointError, shape_of
-from .guidance import Guidance
+from .guidance import Guidance, from_preset
 from .text import NEGATIVE_PROMPT, encode_text, load_text_encoder, load_tokenizer, tiny_umt5_config, umt5_xxl_config
 from .wan import PRESETS, WanModel, find_experts, find_transformer, load_wan, native_config, open_wan
 from .wan_vae import WanVAE, load_wan_vae
@@ -323,6 +323,10 @@ class WanPipeline:
         from the start and after every solver step (official textimage2video.py; the guidance combine sees that
         pinned x), its tokens get t = 0; the result's frame 0 is z0. concat: I2V-A14B, y = [mask, image latent]
         (1, 20, F, H/8, W/8) from `conditioning.i2v_condition`, appended to the model input's channels.
+        STAS with first_frame: the token set S keeps F0 (the image frame, t = 0). Its own prediction is discarded
+        (the frame is re-pinned), so steering it can never alter the image; its tokens remain keys of every other
+        token's attention, which is the path STAS acts through; and S stays the same positional set as in T2V, so
+        T2V and I2V runs are comparable. Steer(tokens='boundary') leaves F0 out.
         Raises ValueError for a run, guidance or conditioning the model cannot take.
         """
         p, c = self.preset, self.preset.config
@@ -379,13 +383,44 @@ class WanPipeline:
         return self.vae.decode(self.sample(run, guidance, **kw))[0]
 
 
-def guidance_per_expert(preset, guidance: Guidance, guidance_scale: float | None = None) -> dict[str, Guidance] | Guidance:
-    """A14B: the Guidance of each expert, `guidance` with the expert's preset CFG scale (or guidance_scale if given);
-    a one-DiT preset gets `guidance` back. Steering (STAS / DG) applies to every expert it was given for."""
+def guidance_per_expert(preset, guidance: Guidance, guidance_scale: float | None = None,
+                        steer: tuple[str, ...] | None = None) -> dict[str, Guidance] | Guidance:
+    """A14B: the Guidance of each expert: `guidance` at the expert's preset CFG scale (or guidance_scale if given).
+    steer: the experts that STAS / DG steer (None: all); the others run without STAS and, for method 'dg', plain
+    CFG, since MA channels are a property of one network. A one-DiT preset gets `guidance` back."""
     if not preset.experts:
         return guidance
-    return {e.name: replace(guidance, guidance_scale=e.guidance_scale if guidance_scale is None else guidance_scale)
-            for e in preset.experts}
+    names = [e.name for e in preset.experts]
+    unknown = sorted(set(steer or ()) - set(names))
+    if unknown:
+        raise ValueError(f"unknown experts {unknown}; this model has {names}")
+    out = {}
+    for e in preset.experts:
+        g = replace(guidance, guidance_scale=e.guidance_scale if guidance_scale is None else guidance_scale)
+        if steer is not None and e.name not in steer:
+            g = replace(g, stas=None, stas_steps=0)
+            if g.method == "dg":
+                g = replace(g, method="cfg", dg=None)
+        out[e.name] = g
+    return out
+
+
+def guidance_for(preset, method: str = "cfg", stas: bool = False, steer: tuple[str, ...] | None = None,
+                 **overrides) -> Guidance | dict[str, Guidance]:
+    """The run's guidance from a preset (guidance.from_preset) and, for A14B, one Guidance per expert
+    (`guidance_per_expert`). A preset without STAS / DG settings (A14B: the STAS paper has no row for it) needs the
+    MA channels and block given; asking without them raises a ValueError that points to samplers/analyze.py."""
+    if stas and not preset.stas and (overrides.get("stas_dims") is None or overrides.get("stas_block") is None):
+        raise ValueError("this model has no STAS settings (no MA channels known): run samplers/analyze.py first to "
+                         "find them, then pass --stas-dims and --stas-block")
+    if method == "dg" and not preset.dg and (overrides.get("dg_dims") is None or overrides.get("dg_block") is None):
+        raise ValueError("this model has no DG settings (no MA channels known): run samplers/analyze.py first to "
+                         "find them, then pass --dg-dims and --dg-block")
+    if method == "dg" and not preset.dg and overrides.get("dg_scale") is None:
+        overrides["dg_scale"] = 1.0  # DG Table 5's w, as the Wan2.1 / TI2V presets
+    scale = overrides.get("guidance_scale")
+    g = from_preset(preset, method, stas=stas, **overrides)
+    return guidance_per_expert(preset, g, scale, steer)
 
 
 def load_vae(path, preset: str, device="cpu"):

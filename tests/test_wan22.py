@@ -402,3 +402,92 @@ def test_i2v_a14b_loop_matches_diffusers(tmp_path):
     assert pipe.expert_steps == ["high"] * SWITCH_STEP + ["low"] * (steps - SWITCH_STEP)
     with pytest.raises(ValueError, match="image-to-video: pass concat"):
         pipe.sample(run_for(latents.shape, steps, shift, 8), guidance, context=ctx, progress=False)
+
+
+# --- guidance methods on Wan2.2 ----------------------------------------------------------------------------------
+
+
+def test_branches_equal_separate_passes_with_per_token_timesteps(ti2v):
+    """Shared-prefix branches copy their row's per-token timesteps: batched == one pass per branch (TI2V, t (B, L))."""
+    from minivdit.interventions import Perturb, Steer, Zero
+
+    model, _, _ = load_wan(ti2v[1] / "native")
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 48, 3, 4, 6, generator=g)
+    t = torch.tensor([[600], [600]]).expand(2, 18).clone()
+    t[:, :6] = 0
+    ctx = context(32)
+    steer = Perturb(steer=Steer(block=0, dims=(3,), alpha=3.0, p=12))
+    kids = ((0, Perturb(steer=steer.steer, zero=Zero(1, (3, 7)))), (1, Perturb(steer=steer.steer,
+                                                                                skip=frozenset({2}))))
+    with torch.no_grad():
+        got = model(x, t, ctx, steer, branches=kids)
+        want = [model(x, t, ctx, steer)] + [model(x[r:r + 1], t[r:r + 1], ctx[r:r + 1], p) for r, p in kids]
+    assert torch.allclose(got, torch.cat(want), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["stas", "dg", "stg", "cfg-zero*", "apg"])
+def test_guidance_methods_run_on_ti2v_image_to_video(ti2v, method):
+    """Every method runs with TI2V's pinned first frame; it changes frames >= 1 and never the image frame.
+
+    STAS steers F0 too when F0 is the given image (see WanPipeline.sample): its own prediction is discarded, so
+    the image is never altered, but its tokens stay keys of every other token, which is what STAS acts on."""
+    from minivdit.pipeline import guidance_for
+
+    pipe = ti2v_pipe(ti2v[1])
+    preset = PRESETS["wan2.2-ti2v-tiny"]
+    g = torch.Generator().manual_seed(9)
+    z0 = torch.randn(1, 48, 1, 4, 4, generator=g)
+    x = torch.randn(1, 48, 3, 4, 4, generator=g)
+    run = SampleConfig("x", frames=9, height=64, width=64, steps=4, shift=5.0)
+    kw = dict(context=context(32), x=x, progress=False, first_frame=z0)
+    base = pipe.sample(run, guidance_for(preset, "cfg"), **kw)
+    guided = guidance_for(preset, "cfg" if method == "stas" else method, stas=method == "stas")
+    out = pipe.sample(run, guided, **kw)
+    assert torch.equal(out[:, :, :1], z0) and torch.equal(base[:, :, :1], z0)
+    assert torch.isfinite(out).all() and rel_err(out, base) > 1e-4
+
+
+def test_stas_on_the_image_frame_only_still_steers(ti2v):
+    """STAS restricted to F0 (tokens='first') changes the video although F0 is the pinned image: F0 is steered."""
+    from minivdit.interventions import Steer
+
+    pipe = ti2v_pipe(ti2v[1])
+    g = torch.Generator().manual_seed(10)
+    z0 = torch.randn(1, 48, 1, 4, 4, generator=g)
+    x = torch.randn(1, 48, 3, 4, 4, generator=g)
+    run = SampleConfig("x", frames=9, height=64, width=64, steps=2, shift=5.0)
+    kw = dict(context=context(32), x=x, progress=False, first_frame=z0)
+    base = pipe.sample(run, Guidance(), **kw)
+    steered = pipe.sample(run, Guidance(stas=Steer(block=1, dims=(3,), alpha=4.0, tokens="first"), stas_steps=2), **kw)
+    assert torch.equal(steered[:, :, :1], z0) and rel_err(steered, base) > 1e-4
+
+
+def test_a14b_guidance_per_expert(t2v_experts, tmp_path):
+    """A14B: no STAS / DG settings in the preset (asking errors, pointing to analyze.py); with channels given,
+    STAS steers only the experts named, and each expert keeps its own scale; STG's shared-prefix branch runs on
+    both experts."""
+    from minivdit.pipeline import guidance_for
+
+    high, low = t2v_experts
+    preset = PRESETS["wan2.2-t2v-a14b"]
+    assert not preset.stas and not preset.dg
+    for kw in (dict(stas=True), dict(method="dg")):
+        with pytest.raises(ValueError, match="samplers/analyze.py"):
+            guidance_for(preset, **kw)
+    tiny = PRESETS["wan2.2-t2v-a14b-tiny"]
+    only_high = guidance_for(tiny, stas=True, stas_dims=(3,), stas_block=1, stas_steps=4, steer=("high",))
+    assert only_high["high"].stas is not None and only_high["low"].stas is None
+    assert (only_high["high"].guidance_scale, only_high["low"].guidance_scale) == (4.0, 3.0)
+    pipe = WanPipeline(None, None, None, None, "wan2.2-t2v-a14b-tiny", {},
+                       experts=expert_loaders(high, low, tmp_path, "wan2.2-t2v-a14b-tiny"), keep_experts=True)
+    run = SampleConfig("x", frames=5, height=32, width=32, steps=4, shift=5.0)
+    sigmas = solvers.diffusers_unipc_sigmas(4, 5.0)
+    x = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(11))
+    kw = dict(context=context(32), sigmas=sigmas, x=x, progress=False)
+    base = pipe.sample(run, guidance_for(tiny), **kw)
+    both = pipe.sample(run, guidance_for(tiny, stas=True, stas_dims=(3,), stas_block=1, stas_steps=4), **kw)
+    high_only = pipe.sample(run, only_high, **kw)
+    assert rel_err(both, base) > 1e-4 and rel_err(high_only, base) > 1e-4 and rel_err(both, high_only) > 1e-4
+    stg = pipe.sample(run, guidance_for(tiny, "stg"), **kw)
+    assert pipe.expert_steps == ["high", "high", "low", "low"] and rel_err(stg, base) > 1e-4
