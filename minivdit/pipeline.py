@@ -430,7 +430,11 @@ def load_vae(path, preset: str, device="cpu"):
     if PRESETS[preset].vae == "wan2.2":
         raise NotImplementedError(f"{path}: the Wan2.2 VAE (TI2V-5B) is not in minivdit yet; sample latents with "
                                   "WanPipeline.sample and decode after the VAE merge")
-    return load_wan_vae(path, dtype=torch.float32, device=device)
+    vae = load_wan_vae(path, dtype=torch.float32, device=device)
+    if vae.z_dim != PRESETS[preset].config.out_dim:
+        raise CheckpointError(f"{path}: a {vae.z_dim}-channel VAE, but the {preset} DiT works on "
+                              f"{PRESETS[preset].config.out_dim}-channel latents: pass the VAE of this model")
+    return vae
 
 
 def sidecar(pipe: WanPipeline, run: SampleConfig, guidance: Guidance | Mapping[str, Guidance],
