@@ -423,6 +423,16 @@ def guidance_for(preset, method: str = "cfg", stas: bool = False, steer: tuple[s
     return guidance_per_expert(preset, g, scale, steer)
 
 
+def check_vae(found: dict, preset: str) -> None:
+    """Cheap check, before heavy work, that the checkpoint's VAE fits the DiT. Hook for the Wan2.2 VAE merge: a
+    'wan2.2' preset (TI2V-5B) raises NotImplementedError until minivdit has that VAE; then this should compare the
+    VAE file's z_dim (from its header) with the DiT's out_dim, so that a Wan2.1 VAE given to TI2V-5B, or the Wan2.2
+    VAE given to a Wan2.1 / A14B model, fails here. `load_vae` checks z_dim after loading in the meantime."""
+    if PRESETS[preset].vae == "wan2.2":
+        raise NotImplementedError(f"{found['vae']}: the Wan2.2 VAE (TI2V-5B) is not in minivdit yet; sample latents "
+                                  "with WanPipeline.sample(..., first_frame=z0) until the VAE merge")
+
+
 def load_vae(path, preset: str, device="cpu"):
     """The VAE of a preset, float32. Hook for the Wan2.2 VAE (z 48, stride 4x16x16): it lands with the VAE branch;
     until then a 'wan2.2' preset raises NotImplementedError, so a TI2V-5B run stops before sampling. After the merge

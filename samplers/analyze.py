@@ -55,7 +55,8 @@ def main(argv=None):
     blocks = pick(args.blocks, list(range(c.num_layers)))
     if any(not 0 <= b < c.num_layers for b in blocks):
         raise ValueError(f"--blocks {blocks}: the model has blocks 0..{c.num_layers - 1}")
-    stats = MAStats(pipe.model.layout(runs[0].latent_shape(c.in_dim)), c.dim, blocks, runs[0].steps, p=args.p)
+    stats = MAStats(pipe.model.layout(runs[0].latent_shape(c.out_dim, d.vae_stride)), c.dim, blocks, runs[0].steps,
+                    p=args.p)
     guidance = Guidance(method="cfg", guidance_scale=d.guidance_scale, capture=stats)
     for k, run in enumerate(runs):
         print(f"[{k + 1}/{len(runs)}] {run.prompt[:70]}")

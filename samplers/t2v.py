@@ -20,8 +20,8 @@ import torch  # noqa: E402
 
 from minivdit.guidance import METHODS, Guidance  # noqa: E402
 from minivdit import conditioning  # noqa: E402
-from minivdit.pipeline import (DTYPES, SampleConfig, WanPipeline, detect_preset, encode_prompts,  # noqa: E402
-                               find_checkpoint, guidance_for, sidecar, tiny_checkpoint)
+from minivdit.pipeline import (DTYPES, SampleConfig, WanPipeline, check_vae, detect_preset,  # noqa: E402
+                               encode_prompts, find_checkpoint, guidance_for, sidecar, tiny_checkpoint)
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
 from minivdit.video import check_output, to_uint8, write_json, write_mp4  # noqa: E402
 from minivdit.wan import PRESETS  # noqa: E402
@@ -104,6 +104,7 @@ def main(argv=None):
     guidance = guidance_from_args(args, defaults)
     for g in (guidance.values() if isinstance(guidance, dict) else [guidance]):
         g.check(run.steps, defaults.config.num_layers, defaults.config.dim)
+    check_vae(found, preset)
     out = check_output(args.output, args.overwrite)
 
     start = time.perf_counter()
