@@ -192,20 +192,19 @@ class WanPipeline:
                  experts: Mapping[str, Callable[[], WanModel]] | None = None, keep_experts: bool = False):
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.preset, self.info = PRESETS[preset], dict(info, preset=preset)
-        names = [e.name for e in self.preset.experts] or ["dit"]
+        self.names = [e.name for e in self.preset.experts] or ["dit"]  # in timestep order, high noise first
         self.loaders, self.keep_experts = dict(experts or {}), keep_experts
-        missing = [n for n in names if n not in self.loaders and not (model is not None and n == names[0])]
-        if missing and (len(names) > 1 or model is None):
-            raise ValueError(f"preset {preset!r} needs experts {names}; no model or loader for {missing}")
-        self.resident = {names[0]: model} if model is not None else {}
-        self.current, self.loads, self.expert_steps = (names[0] if model is not None else None), [], []
+        self.resident = {} if model is None else {self.names[0]: model}  # name -> loaded DiT
+        missing = [n for n in self.names if n not in self.loaders and n not in self.resident]
+        if missing:
+            raise ValueError(f"preset {preset!r} needs the DiTs {self.names}; no model or loader for {missing}")
+        self.current = None if model is None else self.names[0]
+        self.loads, self.expert_steps = [], []
 
     @property
     def model(self) -> WanModel:
         """The resident DiT (the expert that ran last); loads the first expert if none is resident."""
-        if self.current is None:
-            self.use_expert(([e.name for e in self.preset.experts] or ["dit"])[0])
-        return self.resident[self.current]
+        return self.resident[self.current] if self.current is not None else self.use_expert(self.names[0])
 
     def expert_for(self, t: int) -> str:
         """The expert that runs integer timestep t: the first of the preset's experts whose boundary t reaches
@@ -248,7 +247,8 @@ class WanPipeline:
         tok, enc = load_text(found, preset, text_dtype, device) if with_text_encoder else (None, None)
         vae_model = load_vae(found["vae"], preset, device)
         info = {"checkpoint": str(Path(path or found["transformer"]).resolve()), "layout": found["layout"],
-                "dit_layout": dit_layout, **{k: str(Path(found[k]).resolve()) for k in ("vae", "text_encoder", "tokenizer")}}
+                "dit_layout": dit_layout,
+                **{k: str(Path(found[k]).resolve()) for k in ("vae", "text_encoder", "tokenizer")}}
         if experts:
             info["experts"] = {k: str(Path(v).resolve()) for k, v in found["experts"].items()}
         pipe = cls(model, vae_model, enc, tok, preset, info, experts=experts, keep_experts=keep_experts)
@@ -310,9 +310,9 @@ class WanPipeline:
         return next((e.guidance_scale for e in self.preset.experts if e.name == name), self.preset.guidance_scale)
 
     @torch.no_grad()
-    def sample(self, run: SampleConfig, guidance: Guidance | Mapping[str, Guidance], context: torch.Tensor | None = None,
-               sigmas: torch.Tensor | None = None, x: torch.Tensor | None = None, callback=None,
-               progress: bool = True, first_frame: torch.Tensor | None = None,
+    def sample(self, run: SampleConfig, guidance: Guidance | Mapping[str, Guidance],
+               context: torch.Tensor | None = None, sigmas: torch.Tensor | None = None, x: torch.Tensor | None = None,
+               callback=None, progress: bool = True, first_frame: torch.Tensor | None = None,
                concat: torch.Tensor | None = None) -> torch.Tensor:
         """Solve from seeded noise to a latent (1, C, F, H/s, W/s) float32 (C = the DiT's out_dim, s its VAE stride).
 

@@ -439,7 +439,8 @@ def find_experts(path=None, high=None, low=None) -> dict[str, Path] | None:
         if found[0] != found[1] and high_dir == "high_noise_model":
             missing = low_dir if found[0] else high_dir
             raise CheckpointError(f"{path}: two-expert (Wan2.2 A14B) checkpoint with {missing}/ missing; both "
-                                  "high_noise_model/ and low_noise_model/ are needed (or pass --ckpt-high / --ckpt-low)")
+                                  "high_noise_model/ and low_noise_model/ are needed (or pass --ckpt-high / "
+                                  "--ckpt-low)")
     return None
 
 
