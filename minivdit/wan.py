@@ -260,16 +260,15 @@ class WanModel(nn.Module):
 @dataclass(frozen=True)
 class Expert:
     """One DiT of a Wan2.2 A14B mixture of experts (models.md §2.11): it runs every step whose integer timestep t is
-    >= `boundary` (the first expert in the preset's order that t reaches), with its own CFG scale and its own STAS /
-    DG settings (empty: that expert is not steered). folder / diffusers: its sub-folder in the native and the
-    diffusers layout."""
+    >= `boundary` (the first expert in the preset's order that t reaches), with its own CFG scale. folder /
+    diffusers: its sub-folder in the native and the diffusers layout. The STAS paper has no A14B row, so experts
+    carry no STAS / DG settings: steering is given per run, one Guidance per expert (pipeline.guidance_per_expert;
+    an expert given no steering is not steered)."""
     name: str
     boundary: int
     guidance_scale: float
     folder: str
     diffusers: str
-    stas: dict = field(default_factory=dict)
-    dg: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,19 @@ def test_ti2v_sizes_and_conditions_are_checked(ti2v):
 
 # --- A14B: two experts -------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name,high_steps,last_high,first_low", [("wan2.2-t2v-a14b", 26, 877, 865),
+                                                                  ("wan2.2-i2v-a14b", 15, 902, 892)])
+def test_a14b_presets_switch_where_the_official_scheduler_does(name, high_steps, last_high, first_low):
+    """models.md §2.11 (RUN with the official scheduler): on the official grid at the preset's steps and shift, the
+    high-noise expert runs `high_steps` steps, the last at t = last_high, then the low-noise one from first_low."""
+    p = PRESETS[name]
+    pipe = WanPipeline(None, None, None, None, name, {}, experts={"high": None, "low": None})
+    ts = solvers.timestep(solvers.wan_unipc_sigmas(p.steps, p.shift)[:-1]).tolist()
+    names = [pipe.expert_for(t) for t in ts]
+    assert names == ["high"] * high_steps + ["low"] * (p.steps - high_steps)
+    assert (ts[high_steps - 1], ts[high_steps]) == (last_high, first_low)
+
+
 SWITCH_STEP = 2  # 4 steps, shift 5, diffusers grid: timesteps 999, 937 (high) | 833, 625 (low) at boundary 875 / 900
 
 
