@@ -260,15 +260,14 @@ class WanModel(nn.Module):
 @dataclass(frozen=True)
 class Expert:
     """One DiT of a Wan2.2 A14B mixture of experts (models.md §2.11): it runs every step whose integer timestep t is
-    >= `boundary` (the first expert in the preset's order that t reaches), with its own CFG scale. folder /
-    diffusers: its sub-folder in the native and the diffusers layout. The STAS paper has no A14B row, so experts
-    carry no STAS / DG settings: steering is given per run, one Guidance per expert (pipeline.guidance_per_expert;
-    an expert given no steering is not steered)."""
+    >= `boundary` (the first expert in the preset's order that t reaches), with its own CFG scale. folder: its
+    sub-folder in the native layout (diffusers: transformer/ = high, transformer_2/ = low; see find_experts).
+    The STAS paper has no A14B row, so experts carry no STAS / DG settings: steering is given per run, one
+    Guidance per expert (pipeline.guidance_per_expert; an expert given no steering is not steered)."""
     name: str
     boundary: int
     guidance_scale: float
     folder: str
-    diffusers: str
 
 
 @dataclass(frozen=True)
@@ -277,9 +276,10 @@ class Preset:
     papers' method settings (STAS Tables A2-A3; channel / block indices are 0-based).
 
     vae / vae_stride: the VAE family the DiT's latents belong to and its (t, h, w) stride (it will move to the VAE
-    object once the Wan2.2 VAE lands). first_frame: the model takes TI2V's clean first latent frame (t = 0 on its
-    tokens) and per-token timesteps; image: how an image conditions it ('first_frame' TI2V, 'concat' I2V-A14B, None:
-    text only). experts: the A14B experts, highest boundary first (empty: one DiT).
+    object once the Wan2.2 VAE lands). per_token_t: the model is called with timesteps (B, L), one per token (TI2V,
+    official `textimage2video.py`); image: how an image conditions it ('first_frame': TI2V's clean first latent
+    frame, its tokens at t = 0; 'concat': I2V-A14B's mask + image latent channels; None: text only). experts: the
+    A14B experts, highest boundary first (empty: one DiT).
     """
     config: WanConfig
     vae_dim: int = 96
@@ -327,15 +327,15 @@ PRESETS = {
     # the paper, so no STAS / DG settings: find channels with samplers/analyze.py.
     "wan2.2-t2v-a14b": Preset(WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
                               steps=40, shift=12.0, guidance_scale=3.0, height=720, width=1280,
-                              experts=(Expert("high", 875, 4.0, "high_noise_model", "transformer"),
-                                       Expert("low", 0, 3.0, "low_noise_model", "transformer_2")),
+                              experts=(Expert("high", 875, 4.0, "high_noise_model"),
+                                       Expert("low", 0, 3.0, "low_noise_model")),
                               stg=dict(blocks=(2,), mode="R", scale=1.0)),
     # I2V-A14B: in_dim 36 = 16 noise + 4 mask + 16 image-latent channels (channel concat, no CLIP).
     "wan2.2-i2v-a14b": Preset(WanConfig(model_type="i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
                                         in_dim=36, out_dim=16),
                               steps=40, shift=5.0, guidance_scale=3.5, height=720, width=1280, image="concat",
-                              experts=(Expert("high", 900, 3.5, "high_noise_model", "transformer"),
-                                       Expert("low", 0, 3.5, "low_noise_model", "transformer_2")),
+                              experts=(Expert("high", 900, 3.5, "high_noise_model"),
+                                       Expert("low", 0, 3.5, "low_noise_model")),
                               stg=dict(blocks=(2,), mode="R", scale=1.0)),
     # the embedded default: a tiny Wan-architecture model, random weights (see pipeline.tiny_checkpoint)
     "wan2.1-tiny": Preset(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32),
@@ -352,15 +352,15 @@ PRESETS = {
     "wan2.2-t2v-a14b-tiny": Preset(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32),
                                    vae_dim=8, text_encoder="tiny", steps=8, shift=12.0, guidance_scale=3.0, frames=9,
                                    height=64, width=64, fps=8,
-                                   experts=(Expert("high", 875, 4.0, "high_noise_model", "transformer"),
-                                            Expert("low", 0, 3.0, "low_noise_model", "transformer_2")),
+                                   experts=(Expert("high", 875, 4.0, "high_noise_model"),
+                                            Expert("low", 0, 3.0, "low_noise_model")),
                                    stg=dict(blocks=(2,), mode="R", scale=1.0)),
     "wan2.2-i2v-a14b-tiny": Preset(WanConfig(model_type="i2v", dim=64, ffn_dim=128, num_heads=4, num_layers=4,
                                              text_dim=32, in_dim=36, out_dim=16),
                                    vae_dim=8, text_encoder="tiny", steps=8, shift=5.0, guidance_scale=3.5, frames=9,
                                    height=64, width=64, fps=8, image="concat",
-                                   experts=(Expert("high", 900, 3.5, "high_noise_model", "transformer"),
-                                            Expert("low", 0, 3.5, "low_noise_model", "transformer_2")),
+                                   experts=(Expert("high", 900, 3.5, "high_noise_model"),
+                                            Expert("low", 0, 3.5, "low_noise_model")),
                                    stg=dict(blocks=(2,), mode="R", scale=1.0)),
 }
 

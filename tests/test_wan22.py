@@ -504,3 +504,7 @@ def test_a14b_guidance_per_expert(t2v_experts, tmp_path):
     assert rel_err(both, base) > 1e-4 and rel_err(high_only, base) > 1e-4 and rel_err(both, high_only) > 1e-4
     stg = pipe.sample(run, guidance_for(tiny, "stg"), **kw)
     assert pipe.expert_steps == ["high", "high", "low", "low"] and rel_err(stg, base) > 1e-4
+    for method, extra in (("dg", dict(dg_dims=(3,), dg_block=1)), ("cfg-zero*", {}), ("apg", {})):
+        out = pipe.sample(run, guidance_for(tiny, method, **extra), **kw)
+        assert torch.isfinite(out).all() and rel_err(out, base) > 1e-4, method
+    assert pipe.loads == ["high", "low"]  # keep_experts: each loaded once over all these runs
