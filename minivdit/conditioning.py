@@ -7,7 +7,8 @@ Two forms, both arguments of the one loop (`WanPipeline.sample`):
   (official `wan/textimage2video.py` i2v; models.md §2.10).
 * I2V-A14B (`concat`): y = [mask (4 ch), VAE latent of the video [image, 0, ..., 0] (16 ch)], (1, 20, F, h, w),
   concatenated to the noisy latent on the channel axis, so the model input has 16 + 4 + 16 = 36 channels
-  (official Wan `image2video.py`, diffusers `WanImageToVideoPipeline.prepare_latents`; models.md §2.3).
+  (Wan `image2video.py`: the Wan2.1 file and a Wan2.2 fork's were read, the official Wan2.2 one was not in the
+  index; diffusers `WanImageToVideoPipeline.prepare_latents`, which the tests match; models.md §2.3).
 
 The VAE is read generically: `vae.encode(video (B, 3, T, H, W) in [-1, 1]) -> normalized latent (B, z_dim, ...)`
 and `vae.z_dim`; its stride comes from the model preset until the VAE object carries it.
@@ -31,6 +32,9 @@ def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tu
     ratio = w / h
     ow = (expected_area * ratio) ** 0.5
     oh = expected_area / ow
+    if min(ow // dw, oh // dh) < 1:
+        raise ValueError(f"a {w} x {h} image does not fit an area of {expected_area} px in multiples of {dw} x {dh}: "
+                         "raise --height / --width")
     ow1 = int(ow // dw * dw)
     oh1 = int(expected_area / ow1 // dh * dh)
     oh2 = int(oh // dh * dh)

@@ -88,6 +88,8 @@ def test_ti2v_image_preprocessing():
     want = torch.from_numpy(__import__("numpy").asarray(ref).copy()).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(x, want, atol=1e-6)
     assert i2v_size(1920, 1080, 720 * 1280) == (720, 1280)
+    with pytest.raises(ValueError, match="does not fit an area"):  # the official function divides by zero here
+        best_output_size(1920, 1080, 32, 32, 32 * 32)
 
 
 # --- TI2V-5B: the DiT with per-token timesteps -------------------------------------------------------------------
