@@ -117,3 +117,14 @@ def test_experts_of_different_sizes(ckpts, tmp_path):
 def test_stas_on_a14b_without_channels(ckpts, tmp_path):
     bad(ckpts, tmp_path, ["--ckpt", str(ckpts["wan2.2-t2v-a14b-tiny"]), "--stas"], "samplers/analyze.py")
     bad(ckpts, tmp_path, ["--ckpt", str(ckpts["wan2.2-t2v-a14b-tiny"]), "--method", "dg"], "samplers/analyze.py")
+
+
+def test_stas_on_one_a14b_expert(ckpts, tmp_path):
+    """With channels given, --steer-experts picks the experts STAS steers; the sidecar records it per expert."""
+    out = tmp_path / "s.mp4"
+    t2v.main(["--ckpt", str(ckpts["wan2.2-t2v-a14b-tiny"]), "--stas", "--stas-dims", "3", "--stas-block", "1",
+              "--stas-steps", "2", "--steer-experts", "high", "--output", str(out), *SMALL])
+    g = json.loads(out.with_suffix(".json").read_text())["guidance"]
+    assert g["high"]["stas"]["dims"] == [3] and g["high"]["stas_steps"] == 2 and g["low"]["stas"] is None
+    bad(ckpts, tmp_path, ["--ckpt", str(ckpts["wan2.2-t2v-a14b-tiny"]), "--stas", "--stas-dims", "3",
+                          "--stas-block", "1", "--stas-steps", "2", "--steer-experts", "middle"], "unknown experts")
