@@ -1,6 +1,13 @@
 """Text-to-video: encode prompts -> seeded noise -> solve with guidance -> decode -> write. The one sampling loop.
 
-Sources: Wan-Video/Wan2.1 `wan/text2video.py` (WanT2V.generate), `generate.py`; diffusers `pipeline_wan.py`.
+Wan2.2 variants are arguments of that loop, not copies of it: per-token timesteps (a preset property), TI2V's clean
+first frame (`sample(first_frame=z0)`: pinned by the solver's `project` hook, its tokens at t = 0), I2V-A14B's
+channel-concat condition (`sample(concat=y)`) and A14B's two experts (the step's timestep picks the DiT and its
+Guidance; one expert resident at a time).
+
+Sources: Wan-Video/Wan2.1 `wan/text2video.py` (WanT2V.generate), `generate.py`; Wan-Video/Wan2.2
+`wan/textimage2video.py`, `wan/text2video.py` (experts); diffusers `pipeline_wan.py`, `pipeline_wan_i2v.py`.
+Facts: reference/models.md §2.8-2.12.
 """
 from __future__ import annotations
 
