@@ -259,13 +259,13 @@ def from_preset(preset, method: str = "cfg", stas: bool = False, **overrides) ->
         d = {**getattr(preset, name), **{k[len(name) + 1:]: o.pop(k) for k in list(o) if group.get(k) == name}}
         missing = [f for f in required if f not in d]
         if missing:
-            raise ValueError(f"this preset has no {name.upper()} settings: give " +
-                             ", ".join(f"--{name}-{f}" for f in missing) +
-                             " (samplers/analyze.py finds the MA channels and a block)")
+            raise ValueError(f"this model has no {name.upper()} settings (no MA channels known): run "
+                             "samplers/analyze.py first to find them, then give " +
+                             ", ".join(f"--{name}-{f}" for f in missing))
         return d
     if method == "dg":
-        d = settings("dg", ("block", "dims", "scale"))
-        kw.update(dg=Zero(block=d["block"], dims=tuple(d["dims"])), dg_scale=d["scale"])
+        d = settings("dg", ("block", "dims"))
+        kw.update(dg=Zero(block=d["block"], dims=tuple(d["dims"])), dg_scale=d.get("scale", 1.0))
     if method.startswith("stg"):
         d = settings("stg", ("blocks", "mode"))
         kw.update(stg_blocks=tuple(d["blocks"]), stg_mode=d["mode"], stg_scale=d.get("scale"),

@@ -11,6 +11,10 @@ x0 = x - sigma v. A solver only sees `denoise(x, sigma) -> v` (x float32, sigma 
 an explicit grid `sigmas`: a float64 1-D tensor, decreasing, usually ending in 0.0. As in the references, the step
 math uses the grid cast to float32 (they store `sigmas.astype(np.float32)`), while `denoise` gets the float64 value
 so that `timestep(sigma)` truncates exactly like the official `(sigmas * 1000).astype(np.int64)`.
+
+Conditioning that pins part of the latent (Wan2.2 TI2V's clean first frame) is a `project(x) -> x` passed to the
+solver: applied to the initial x and to x after every step, so `denoise`, the callback and the solver's history all
+see the pinned latent, as in the official `textimage2video.py` loop (re-impose after each scheduler step).
 """
 from __future__ import annotations
 
@@ -21,6 +25,11 @@ import torch
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 Callback = Callable[[dict], None]
+Project = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pin(x: torch.Tensor, project: Project | None) -> torch.Tensor:
+    return x if project is None else project(x)
 
 # ----------------------------------------------------------------------------------------------------------
 # grids (built with numpy in float64, like the references, so every value is bit-identical)
@@ -84,15 +93,17 @@ def _check(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None):
-    """Flow Euler x += (sigma_next - sigma) v (diffusers FlowMatchEulerDiscreteScheduler). x: latent, float32."""
+def sample_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
+                 project: Project | None = None):
+    """Flow Euler x += (sigma_next - sigma) v (diffusers FlowMatchEulerDiscreteScheduler). x: latent, float32.
+    project: see the module docstring."""
     s = _check(sigmas)
-    x = x.to(torch.float32)
+    x = _pin(x.to(torch.float32), project)
     for i in range(len(sigmas) - 1):
         v = denoise(x, sigmas[i].item())
         if callback is not None:
             callback({"i": i, "sigma": sigmas[i].item(), "x": x, "x0": x - s[i] * v})
-        x = x + (s[i + 1] - s[i]) * v
+        x = _pin(x + (s[i + 1] - s[i]) * v, project)
     return x
 
 
@@ -132,13 +143,15 @@ def _unipc_bh2(x, ms, lams, sigma, sigma_next, lam_next, m_next=None):
 
 @torch.no_grad()
 def sample_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                 order: int = 2):
+                 order: int = 2, project: Project | None = None):
     """UniPC-bh2 multistep (official Wan FlowUniPCMultistepScheduler = diffusers UniPCMultistepScheduler, flow).
 
     predict_x0, UniC corrector at every step i >= 1 (disable_corrector=[]), lower_order_final. Step i's predictor
     has order min(order, i + 1, N - i) for N = len(sigmas) - 1 steps (warm-up; last step 1st order: with order 2,
     3 steps are orders 1, 2, 1 and 4 steps 1, 2, 2, 1); the corrector at step i reuses step i-1's order.
     x: latent, float32; sigmas: (N + 1,) with sigmas[0] < 1 (lambda is -inf at sigma = 1). Returns x at sigmas[-1].
+    project: see the module docstring (the corrector starts from the projected previous sample, as the official
+    TI2V loop hands its re-imposed latent to the scheduler).
     """
     s = _check(sigmas)
     if order < 1:
@@ -147,7 +160,7 @@ def sample_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callba
         raise ValueError(f"UniPC needs sigmas[0] < 1 (log(1 - sigma) = -inf), got {sigmas[0].item()}")
     n = len(sigmas) - 1
     lam = [_lambda(si) for si in s]  # one 0-d float32 at a time, as the references compute them
-    x = x.to(torch.float32)
+    x = _pin(x.to(torch.float32), project)
     ms, x_prev, p_prev = [], None, 0  # history: last `order` x0 predictions; sample and order of the last step
     for i in range(n):
         v = denoise(x, sigmas[i].item())
@@ -159,20 +172,22 @@ def sample_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callba
         ms = (ms + [m])[-order:]
         p = min(order, i + 1, n - i)
         x_prev, p_prev = x, p
-        x = _unipc_bh2(x, ms[-p:], lam[i + 1 - p:i + 1], s[i], s[i + 1], lam[i + 1])
+        x = _pin(_unipc_bh2(x, ms[-p:], lam[i + 1 - p:i + 1], s[i], s[i + 1], lam[i + 1]), project)
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None):
+def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
+                    project: Project | None = None):
     """DPM-Solver++(2M), midpoint, in x0 form (official Wan FlowDPMSolverMultistepScheduler, diffusers DPMSolver++).
 
     The first step (warm-up) and the last step (lower_order_final, final sigma zero) are 1st order (DDIM).
-    x: latent, float32; sigmas: (N + 1,); sigmas[0] = 1.0 is allowed. Returns x at sigmas[-1].
+    x: latent, float32; sigmas: (N + 1,); sigmas[0] = 1.0 is allowed. Returns x at sigmas[-1]. project: see the
+    module docstring.
     """
     s = _check(sigmas)
     n = len(sigmas) - 1
-    x = x.to(torch.float32)
+    x = _pin(x.to(torch.float32), project)
     m_prev = lam_prev = None
     for i in range(n):
         v = denoise(x, sigmas[i].item())
@@ -186,5 +201,5 @@ def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, cal
         if 0 < i < n - 1:  # 2nd order: D1 = (m - m_prev) / r with r = h_prev / h
             r = (lam - lam_prev) / h
             x_next = x_next - 0.5 * coef * ((1.0 / r) * (m - m_prev))
-        x, m_prev, lam_prev = x_next, m, lam
+        x, m_prev, lam_prev = _pin(x_next, project), m, lam
     return x

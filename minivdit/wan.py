@@ -262,11 +262,36 @@ class WanModel(nn.Module):
 
 
 @dataclass(frozen=True)
+class Expert:
+    """One DiT of a Wan2.2 A14B mixture of experts (models.md §2.11): it runs every step whose integer timestep t is
+    >= `boundary` (the first expert in the preset's order that t reaches), with its own CFG scale. folder: its
+    sub-folder in the native layout (diffusers: transformer/ = high, transformer_2/ = low; see find_experts).
+    The STAS paper has no A14B row, so experts carry no STAS / DG settings: steering is given per run, one
+    Guidance per expert (pipeline.guidance_per_expert; an expert given no steering is not steered)."""
+    name: str
+    boundary: int
+    guidance_scale: float
+    folder: str
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named Wan model: architecture, companion VAE / text encoder sizes, official sampling defaults, and the
-    papers' method settings (STAS Tables A2-A3; channel / block indices are 0-based)."""
+    papers' method settings (STAS Tables A2-A3; channel / block indices are 0-based).
+
+    vae / vae_stride: the VAE family the DiT's latents belong to and its (t, h, w) stride (it will move to the VAE
+    object once the Wan2.2 VAE lands). per_token_t: the model is called with timesteps (B, L), one per token (TI2V,
+    official `textimage2video.py`); image: how an image conditions it ('first_frame': TI2V's clean first latent
+    frame, its tokens at t = 0; 'concat': I2V-A14B's mask + image latent channels; None: text only). experts: the
+    A14B experts, highest boundary first (empty: one DiT).
+    """
     config: WanConfig
     vae_dim: int = 96
+    vae: str = "wan2.1"
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    per_token_t: bool = False
+    image: str | None = None
+    experts: tuple[Expert, ...] = ()
     text_encoder: str = "umt5-xxl"
     steps: int = 50
     shift: float = 5.0
@@ -297,11 +322,52 @@ PRESETS = {
                               stg=dict(blocks=(2,), mode="R")),
     "wan2.1-t2v-14b": Preset(WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
                              height=720, width=1280, stg=dict(blocks=(2,), mode="R")),
+    # Wan2.2 TI2V-5B (models.md §2.9-2.10): Wan2.2 VAE (z 48, stride 4x16x16), per-token timesteps, an optional image
+    # as the clean first latent frame. STAS: Table A3; DG on the same channel / block, w = 1; STG block 2.
+    "wan2.2-ti2v-5b": Preset(WanConfig(model_type="ti2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
+                                       in_dim=48, out_dim=48),
+                             vae_dim=160, vae="wan2.2", vae_stride=(4, 16, 16), per_token_t=True, image="first_frame",
+                             frames=121, height=704, width=1280, fps=24, stas=STAS_TABLE["wan2.2-ti2v-5b"],
+                             dg=dict(dims=(1938,), block=9, scale=1.0), stg=dict(blocks=(2,), mode="R")),
+    # Wan2.2 A14B (models.md §2.11): two 14B experts split at a boundary timestep; guidance (low, high). No STAS row in
+    # the paper, so no STAS / DG settings: find channels with samplers/analyze.py.
+    "wan2.2-t2v-a14b": Preset(WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+                              steps=40, shift=12.0, guidance_scale=3.0, height=720, width=1280,
+                              experts=(Expert("high", 875, 4.0, "high_noise_model"),
+                                       Expert("low", 0, 3.0, "low_noise_model")),
+                              stg=dict(blocks=(2,), mode="R")),
+    # I2V-A14B: in_dim 36 = 16 noise + 4 mask + 16 image-latent channels (channel concat, no CLIP).
+    "wan2.2-i2v-a14b": Preset(WanConfig(model_type="i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
+                                        in_dim=36, out_dim=16),
+                              steps=40, shift=5.0, guidance_scale=3.5, height=720, width=1280, image="concat",
+                              experts=(Expert("high", 900, 3.5, "high_noise_model"),
+                                       Expert("low", 0, 3.5, "low_noise_model")),
+                              stg=dict(blocks=(2,), mode="R")),
     # the embedded default: a tiny Wan-architecture model, random weights (see pipeline.tiny_checkpoint)
     "wan2.1-tiny": Preset(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32),
                           vae_dim=8, text_encoder="tiny", steps=8, frames=9, height=64, width=64, fps=8,
                           stas=dict(dims=(3,), block=1, alpha=2.5, p=8.0, steps=4),
                           dg=dict(dims=(3,), block=1, scale=1.0), stg=dict(blocks=(2,), mode="R")),
+    # tiny Wan2.2 variants for tests (random weights): TI2V with 48 latent channels, A14B T2V / I2V with two experts
+    "wan2.2-ti2v-tiny": Preset(WanConfig(model_type="ti2v", dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32,
+                                         in_dim=48, out_dim=48),
+                               vae_dim=8, text_encoder="tiny", vae="wan2.2", vae_stride=(4, 16, 16), per_token_t=True,
+                               image="first_frame", steps=8, frames=9, height=64, width=64, fps=8,
+                               stas=dict(dims=(3,), block=1, alpha=2.0, p=12.0, steps=4),
+                               dg=dict(dims=(3,), block=1, scale=1.0), stg=dict(blocks=(2,), mode="R")),
+    "wan2.2-t2v-a14b-tiny": Preset(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32),
+                                   vae_dim=8, text_encoder="tiny", steps=8, shift=12.0, guidance_scale=3.0, frames=9,
+                                   height=64, width=64, fps=8,
+                                   experts=(Expert("high", 875, 4.0, "high_noise_model"),
+                                            Expert("low", 0, 3.0, "low_noise_model")),
+                                   stg=dict(blocks=(2,), mode="R")),
+    "wan2.2-i2v-a14b-tiny": Preset(WanConfig(model_type="i2v", dim=64, ffn_dim=128, num_heads=4, num_layers=4,
+                                             text_dim=32, in_dim=36, out_dim=16),
+                                   vae_dim=8, text_encoder="tiny", steps=8, shift=5.0, guidance_scale=3.5, frames=9,
+                                   height=64, width=64, fps=8, image="concat",
+                                   experts=(Expert("high", 900, 3.5, "high_noise_model"),
+                                            Expert("low", 0, 3.5, "low_noise_model")),
+                                   stg=dict(blocks=(2,), mode="R")),
 }
 
 
@@ -356,19 +422,48 @@ def find_transformer(path) -> list[Path]:
     return safetensors_files(path)
 
 
-def preset_from_state(sd) -> str | None:
-    """The preset whose shapes match a native state dict (dim, layers, in_dim), or None."""
+def find_experts(path=None, high=None, low=None) -> dict[str, Path] | None:
+    """The two expert DiTs of a Wan2.2 A14B checkpoint as {'high': path, 'low': path}, or None for a one-DiT checkpoint.
+
+    high / low: expert files or folders given one by one (ComfyUI `wan2.2_t2v_{high,low}_noise_14B_*.safetensors`);
+    else path: a native folder with high_noise_model/ and low_noise_model/, or a diffusers folder with transformer/
+    (high) and transformer_2/ (low). Raises CheckpointError if only one expert is there.
+    """
+    if high is not None or low is not None:
+        if high is None or low is None:
+            raise CheckpointError(f"two-expert checkpoint: --ckpt-high and --ckpt-low go together; only "
+                                  f"--ckpt-{'high' if low is None else 'low'} was given")
+        return {"high": Path(high), "low": Path(low)}
+    path = Path(path) if path is not None else None
+    if path is None or not path.is_dir():
+        return None
+    for high_dir, low_dir in (("high_noise_model", "low_noise_model"), ("transformer", "transformer_2")):
+        found = [(path / d).is_dir() for d in (high_dir, low_dir)]
+        if all(found):
+            return {"high": path / high_dir, "low": path / low_dir}
+        if found[0] != found[1] and high_dir == "high_noise_model":
+            missing = low_dir if found[0] else high_dir
+            raise CheckpointError(f"{path}: two-expert (Wan2.2 A14B) checkpoint with {missing}/ missing; both "
+                                  "high_noise_model/ and low_noise_model/ are needed (or pass --ckpt-high / "
+                                  "--ckpt-low)")
+    return None
+
+
+def preset_from_state(sd, experts: bool = False) -> str | None:
+    """The preset whose shapes match a native state dict (dim, layers, in_dim), or None. experts: the weights are
+    one expert of a two-expert (A14B) checkpoint, whose shapes equal Wan2.1-14B's; the layout tells them apart."""
     dim, in_dim = shape_of(sd, "patch_embedding.weight")[:2]
     layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for name, p in PRESETS.items():
-        if (p.config.dim, p.config.in_dim, p.config.num_layers) == (dim, in_dim, layers):
+        if (p.config.dim, p.config.in_dim, p.config.num_layers) == (dim, in_dim, layers) and bool(p.experts) == experts:
             return name
     return None
 
 
-def open_wan(path, preset: str | None = None):
+def open_wan(path, preset: str | None = None, experts: bool = False, required: bool = True):
     """Read a Wan DiT checkpoint's keys and shapes (no weights yet): (lazy native-named state dict, layout, preset,
-    file). Detects the layout from the keys and, if preset is None, the preset from the shapes."""
+    file). Detects the layout from the keys and, if preset is None, the preset from the shapes (experts: the file is
+    one expert of an A14B pair; required=False: no match gives preset None instead of an error)."""
     files = find_transformer(path)
     where = files[0] if len(files) == 1 else files[0].parent
     raw = LazySafetensors(files)
@@ -380,8 +475,8 @@ def open_wan(path, preset: str | None = None):
               "diffusers": from_diffusers}[layout]
     sd = Renamed(raw, rename)
     if preset is None:
-        preset = preset_from_state(sd)
-        if preset is None:
+        preset = preset_from_state(sd, experts)
+        if preset is None and required:
             raise CheckpointError(f"{where}: no preset matches these weights (layout {layout}, patch_embedding "
                                   f"{shape_of(sd, 'patch_embedding.weight')}); pass --preset. Known: {list(PRESETS)}")
     elif preset not in PRESETS:

@@ -524,18 +524,9 @@ def vae_from_diffusers(sd: Mapping[str, torch.Tensor], num_res_blocks: int = 2,
     return {vae_key_from_diffusers(k, num_res_blocks, residual): v for k, v in sd.items()}
 
 
-def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> WanVAE:
-    """Load a Wan2.1 (`WanVAE`) or Wan2.2 (`WanVAE22`) VAE in eval mode from the native `Wan2.1_VAE.pth` /
-    `Wan2.2_VAE.pth`, a native-key safetensors (ComfyUI `wan_2.1_vae.safetensors` / `wan2.2_vae.safetensors`; a
-    `vae.` or `first_stage_model.` prefix is stripped) or a diffusers `vae/` folder /
-    `diffusion_pytorch_model.safetensors`.
-
-    The version is read from the encoder's input channels (3: Wan2.1; 12 = 3 x 2x2 patch: Wan2.2), `dim`,
-    `dec_dim` and `z_dim` from the tensor shapes (header only, no tensor is read twice). Raises
-    `CheckpointError` naming the file, the layout and any missing / unexpected / mis-shaped keys, or saying why
-    the file is not a Wan VAE.
-    """
+def open_wan_vae(path: str | os.PathLike):
+    """Read a Wan VAE checkpoint's keys and shapes, no weights: (native-named lazy state dict, layout, version
+    'Wan2.1' | 'Wan2.2', dim, z_dim). Files accepted and errors raised: see `load_wan_vae`."""
     sd = read_state_dict(path)
     keys = list(sd)
     for prefix in ("vae.", "first_stage_model."):
@@ -567,6 +558,23 @@ def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if wan22 and "decoder.head.2.weight" not in keys:
         raise CheckpointError(f"{path}: {layout} Wan2.2 VAE checkpoint without the decoder head "
                               "(native decoder.head.2.weight, diffusers decoder.conv_out.weight); cannot infer dec_dim")
+    return sd, layout, version, dim, z_dim
+
+
+def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> WanVAE:
+    """Load a Wan2.1 (`WanVAE`) or Wan2.2 (`WanVAE22`) VAE in eval mode from the native `Wan2.1_VAE.pth` /
+    `Wan2.2_VAE.pth`, a native-key safetensors (ComfyUI `wan_2.1_vae.safetensors` / `wan2.2_vae.safetensors`; a
+    `vae.` or `first_stage_model.` prefix is stripped) or a diffusers `vae/` folder /
+    `diffusion_pytorch_model.safetensors`.
+
+    The version is read from the encoder's input channels (3: Wan2.1; 12 = 3 x 2x2 patch: Wan2.2), `dim`,
+    `dec_dim` and `z_dim` from the tensor shapes (header only, no tensor is read twice). Raises
+    `CheckpointError` naming the file, the layout and any missing / unexpected / mis-shaped keys, or saying why
+    the file is not a Wan VAE.
+    """
+    sd, layout, version, dim, z_dim = open_wan_vae(path)
+    wan22 = version == "Wan2.2"
     try:
         with torch.device("meta"):
             vae = (WanVAE22(dim=dim, dec_dim=shape_of(sd, "decoder.head.2.weight")[1], z_dim=z_dim) if wan22

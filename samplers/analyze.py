@@ -62,7 +62,7 @@ def main(argv=None):
         a1 = [(5, 15)] if runs[0].steps > 5 and 15 in blocks else []
     else:
         a1 = [] if args.a1 == "none" else [tuple(int(v) for v in pair.split(":")) for pair in args.a1.split(",")]
-    stats = MAStats(pipe.model.layout(runs[0].latent_shape(c.in_dim)), c.dim, blocks, runs[0].steps, p=args.p,
+    stats = MAStats(pipe.model.layout(runs[0].latent_shape(c.out_dim, d.vae_stride)), c.dim, blocks, runs[0].steps, p=args.p,
                     a1_slots=a1)
     guidance = Guidance(method="cfg", guidance_scale=d.guidance_scale, capture=stats)
     for k, run in enumerate(runs):

@@ -1,24 +1,30 @@
-"""Text to video with Wan2.1: a prompt in, an mp4 and its JSON sidecar out.
+"""Text (and image) to video with Wan2.1 / Wan2.2: a prompt in, an mp4 and its JSON sidecar out.
 
     python samplers/t2v.py                                   # embedded tiny default (noise-like, checks the machinery)
     python samplers/t2v.py --ckpt weights/Wan2.1-T2V-1.3B --prompt "A cat walks on the grass" \
         --frames 33 --height 480 --width 832 --output outputs/cat.mp4
+    python samplers/t2v.py --ckpt weights/Wan2.2-TI2V-5B --image cat.jpg ...        # TI2V: image as frame 0
+    python samplers/t2v.py --ckpt weights/Wan2.2-T2V-A14B ...                       # two experts, one resident
+    python samplers/t2v.py --ckpt-high high.safetensors --ckpt-low low.safetensors --vae ... --text-encoder ... \
+        --tokenizer ...                                                             # ComfyUI expert files
 """
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from minivdit.guidance import METHODS, OPTIONS, STG_RESCALE_ON, Guidance, from_preset  # noqa: E402
-from minivdit.pipeline import (DTYPES, SampleConfig, WanPipeline, encode_prompts, find_checkpoint,  # noqa: E402
-                               sidecar, tiny_checkpoint)
+from minivdit import conditioning  # noqa: E402
+from minivdit.guidance import METHODS, OPTIONS, STG_RESCALE_ON, Guidance  # noqa: E402
+from minivdit.pipeline import (DTYPES, SampleConfig, WanPipeline, check_vae, detect_preset,  # noqa: E402
+                               encode_prompts, find_checkpoint, guidance_for, sidecar, tiny_checkpoint)
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
 from minivdit.video import check_output, to_uint8, write_json, write_mp4  # noqa: E402
-from minivdit.wan import PRESETS, open_wan  # noqa: E402
+from minivdit.wan import PRESETS  # noqa: E402
 
 
 def add_guidance_args(p):
@@ -29,11 +35,12 @@ def add_guidance_args(p):
         g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=f"[{group}] {what}", **extra)
 
 
-def guidance_from_args(args, preset, method: str, stas: bool) -> Guidance:
-    """The Guidance the guidance arguments describe, on top of the preset's settings (options of other methods
-    than `method` are refused by from_preset)."""
-    return from_preset(preset, method, stas=stas, guidance_scale=args.guidance_scale,
-                       **{name: getattr(args, name) for name, *_ in OPTIONS})
+def guidance_from_args(args, preset) -> Guidance | dict[str, Guidance]:
+    """The Guidance the guidance arguments describe, on top of the preset's settings (A14B: one per expert); options
+    of another method than --method are refused by guidance.from_preset."""
+    steer = tuple(args.steer_experts.split(",")) if getattr(args, "steer_experts", None) else None
+    return guidance_for(preset, args.method, stas=args.stas, steer=steer, guidance_scale=args.guidance_scale,
+                        **{name: getattr(args, name) for name, *_ in OPTIONS})
 
 
 def parse(argv=None):
@@ -46,6 +53,12 @@ def parse(argv=None):
     p.add_argument("--vae", default=None, help="VAE file (with a single-file --ckpt)")
     p.add_argument("--text-encoder", default=None, help="umt5 file or folder (with a single-file --ckpt)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (with a single-file --ckpt)")
+    p.add_argument("--image", default=None, help="image to video: the first frame (Wan2.2 TI2V-5B, I2V-A14B only)")
+    p.add_argument("--ckpt-high", default=None, help="A14B high-noise expert file (ComfyUI), with --ckpt-low")
+    p.add_argument("--ckpt-low", default=None, help="A14B low-noise expert file (ComfyUI), with --ckpt-high")
+    p.add_argument("--keep-experts", action="store_true", help="A14B: keep both experts loaded (default: only "
+                                                               "the running one is resident)")
+    p.add_argument("--steer-experts", default=None, help="A14B: experts STAS / DG steer, e.g. high (default: all)")
     for name, typ in (("frames", int), ("height", int), ("width", int), ("steps", int), ("shift", float),
                       ("guidance-scale", float), ("fps", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
@@ -63,30 +76,64 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    ckpt = args.ckpt or tiny_checkpoint()
-    found = find_checkpoint(ckpt, args.vae, args.text_encoder, args.tokenizer)  # cheap checks first
-    _, _, preset, _ = open_wan(found["transformer"], args.preset)
+    ckpt = args.ckpt or (None if args.ckpt_high or args.ckpt_low else tiny_checkpoint())
+    found = find_checkpoint(ckpt, args.vae, args.text_encoder, args.tokenizer, args.ckpt_high, args.ckpt_low)
+    preset = detect_preset(found, args.preset)  # cheap checks first: headers only
     defaults = PRESETS[preset]
     run = SampleConfig.from_preset(defaults, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
                                    height=args.height, width=args.width, steps=args.steps, shift=args.shift,
                                    solver=args.solver, seed=args.seed, fps=args.fps)
-    run.check()
-    guidance = guidance_from_args(args, defaults, args.method, args.stas)
-    guidance.check(run.steps, defaults.config.num_layers, defaults.config.dim)
+    image = None
+    if args.image is not None or defaults.image == "concat":
+        image, run = load_image_for(args.image, preset, run)
+    run.check(defaults.vae_stride[1] * defaults.config.patch_size[1])
+    guidance = guidance_from_args(args, defaults)
+    for g in (guidance.values() if isinstance(guidance, dict) else [guidance]):
+        g.check(run.steps, defaults.config.num_layers, defaults.config.dim)
+    check_vae(found, preset)
     out = check_output(args.output, args.overwrite)
 
     start = time.perf_counter()
     negative = NEGATIVE_PROMPT if run.negative_prompt is None else run.negative_prompt
     context = encode_prompts(found, preset, [run.prompt, negative], device=args.device)  # text encoder freed after
     pipe = WanPipeline.load(ckpt, preset, args.vae, args.text_encoder, args.tokenizer, dtype=DTYPES[args.dtype],
-                            device=args.device, with_text_encoder=False)
-    video = pipe(run, guidance, context=context)
+                            device=args.device, with_text_encoder=False, ckpt_high=args.ckpt_high,
+                            ckpt_low=args.ckpt_low, keep_experts=args.keep_experts)
+    cond = {}
+    if image is not None and defaults.image == "first_frame":
+        cond["first_frame"] = conditioning.first_frame_latent(pipe.vae, image.to(pipe.device))
+    elif image is not None:
+        cond["concat"] = conditioning.i2v_condition(pipe.vae, image.to(pipe.device), run.frames)
+    video = pipe(run, guidance, context=context, **cond)
     seconds = time.perf_counter() - start
     write_mp4(out, to_uint8(video), run.fps, overwrite=args.overwrite)
-    write_json(out.with_suffix(".json"), sidecar(pipe, run, guidance, seconds))
+    extra = {"image": str(Path(args.image).resolve())} if args.image else {}
+    write_json(out.with_suffix(".json"), sidecar(pipe, run, guidance, seconds, **extra))
     print(f"wrote {out} ({run.frames} frames, {run.height}x{run.width}, {seconds:.1f} s) and its .json sidecar")
     return out
 
 
+def load_image_for(path, preset: str, run: SampleConfig):
+    """Read and size the conditioning image for a preset; the run takes the image's output size (TI2V:
+    best_output_size for the run's area; I2V-A14B: the official area-preserving size). Returns (image (3, H, W)
+    in [-1, 1], run). Raises ValueError for a model without image conditioning or a missing / unreadable file."""
+    p = PRESETS[preset]
+    if p.image is None:
+        raise ValueError(f"--image: {preset} is a text-to-video model; image conditioning needs wan2.2-ti2v-5b or "
+                         "wan2.2-i2v-a14b")
+    if path is None:
+        raise ValueError(f"{preset} is an image-to-video model: pass --image PATH")
+    img = conditioning.open_image(path)
+    stride = p.vae_stride[1] * p.config.patch_size[1]
+    if p.image == "first_frame":
+        x = conditioning.ti2v_image(img, run.height, run.width, stride)
+    else:
+        x = conditioning.i2v_image(img, run.height, run.width, p.vae_stride[1])
+    return x, replace(run, height=x.shape[1], width=x.shape[2])
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileExistsError) as e:  # CheckpointError is a ValueError
+        sys.exit(f"error: {e}")
