@@ -1,7 +1,7 @@
 """Wan causal video VAEs: Wan2.1 (3x8x8 -> 16 channels) and Wan2.2 (3x16x16 -> 48 channels), streaming decode.
 
-A from-scratch re-implementation of the official `wan/modules/vae.py` (Wan-Video/Wan2.1, class `WanVAE`) and
-`wan/modules/vae2_2.py` (Wan-Video/Wan2.2, class `WanVAE22`) with their native parameter names (those of
+From-scratch re-implementations of the official `wan/modules/vae.py` (Wan-Video/Wan2.1; here `WanVAE`) and
+`wan/modules/vae2_2.py` (Wan-Video/Wan2.2; here `WanVAE22`) with their native parameter names (those of
 `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth`), checked against diffusers `AutoencoderKLWan`
 (`models/autoencoders/autoencoder_kl_wan.py`, `is_residual=True` for Wan2.2). Facts: `reference/models.md`
 sections 2.5 and 2.6.
