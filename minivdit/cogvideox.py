@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .attention import attention
-from .checkpoints import CheckpointError, LazySafetensors, load_strict, safetensors_files, shape_of
+from .checkpoints import CheckpointError, LazySafetensors, check_keys, load_strict, safetensors_files, shape_of
 from .interventions import Perturb, TokenLayout, run_blocks
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,7 +524,8 @@ def preset_from_state(sd, config_json: dict | None) -> list[str]:
 
 
 def open_cogvideox(path, preset: str | None = None):
-    """Read a CogVideoX DiT checkpoint's keys and shapes (no weights yet): (lazy state dict, layout, preset, file).
+    """Read a CogVideoX DiT checkpoint's keys and shapes (no weights yet): (lazy state dict, layout, preset, file,
+    config.json as a dict or None).
     Detects the preset from the shapes (and config.json) if preset is None; refuses SAT files and image-to-video
     checkpoints."""
     files, config_json = find_transformer(path)
@@ -550,9 +551,7 @@ def open_cogvideox(path, preset: str | None = None):
         preset = found[0]
     elif preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    if config_json is not None:
-        check_config(config_json, PRESETS[preset].config, where, preset)
-    return sd, layout, preset, where
+    return sd, layout, preset, where, config_json
 
 
 def load_cogvideox(path, preset: str | None = None, dtype: torch.dtype | None = None, device="cpu"):
@@ -564,8 +563,11 @@ def load_cogvideox(path, preset: str | None = None, dtype: torch.dtype | None = 
     weight shapes and config.json. dtype: parameter dtype (None: as stored; every tensor, as diffusers). Raises
     CheckpointError naming the file, the layout detected and the missing / unexpected / mis-shaped keys.
     """
-    sd, layout, preset, where = open_cogvideox(path, preset)
+    sd, layout, preset, where, config_json = open_cogvideox(path, preset)
     with torch.device("meta"):
         model = CogVideoXModel(PRESETS[preset].config)
+    check_keys(model, sd, file=where, layout=layout)  # first: a forced preset's error names the mis-shaped keys
+    if config_json is not None:
+        check_config(config_json, PRESETS[preset].config, where, preset)
     load_strict(model, sd, file=where, layout=layout, dtype=dtype)
     return model.to(device).eval().requires_grad_(False), preset, layout
