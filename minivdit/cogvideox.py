@@ -419,18 +419,23 @@ class Preset:
 
 
 # STAS Table A3 (MA channel, block m 0-based, alpha, p in %, K steps) = wan.STAS_TABLE["cogvideox-5b"]; DG zeroes the
-# same channel at the same block, w = 1 (as the Wan presets). No STAS row exists for 2B or 1.5.
+# same channel at the same block, w = 1 (as the Wan presets). No STAS row exists for 2B or 1.5. STG: block 30 of 5B,
+# the one CogVideoX example of the official STGuidance code (junhahyung/STGuidance CogVideoX/inference.py: CogVideoX-5b,
+# layer 30, scale 4.0, rescaling on). Its example says "STG-A", but its pipeline only skips the block for the perturbed
+# rows (text and video alike), which is STG-R, so the preset says mode "R"; the scale is not a preset value (see
+# guidance.STG_SCALE). No official STG block for 2B (30 layers: block 30 does not exist) or 1.5.
 STAS_5B = dict(dims=(1982,), block=8, alpha=1.2, p=8.0, steps=20)
 TINY = dict(num_attention_heads=4, attention_head_dim=16, time_embed_dim=32, text_embed_dim=32)
 TINY_SAMPLING = dict(text_encoder="tiny", steps=8, frames=9, height=64, width=96,
-                     stas=dict(dims=(3,), block=1, alpha=1.2, p=8.0, steps=4), dg=dict(dims=(3,), block=1, scale=1.0))
+                     stas=dict(dims=(3,), block=1, alpha=1.2, p=8.0, steps=4), dg=dict(dims=(3,), block=1, scale=1.0),
+                     stg=dict(blocks=(2,), mode="R"))
 
 PRESETS = {
     "cogvideox-2b": Preset(CogVideoXConfig(num_attention_heads=30, num_layers=30), vae_scaling_factor=1.15258426,
                            snr_shift_scale=3.0, solver="ddim"),
     "cogvideox-5b": Preset(CogVideoXConfig(num_attention_heads=48, num_layers=42,
                                            use_rotary_positional_embeddings=True),
-                           stas=STAS_5B, dg=dict(dims=(1982,), block=8, scale=1.0)),
+                           stas=STAS_5B, dg=dict(dims=(1982,), block=8, scale=1.0), stg=dict(blocks=(30,), mode="R")),
     "cogvideox1.5-5b": Preset(CogVideoXConfig(num_attention_heads=48, num_layers=42, sample_width=300,
                                               sample_height=300, patch_size_t=2, patch_bias=False,
                                               use_rotary_positional_embeddings=True),

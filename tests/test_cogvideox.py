@@ -53,16 +53,19 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def ckpt(request, tmp_path_factory):
-    """(kind, diffusers reference, checkpoint root): diffusers layout (sharded for 5b) and one single file."""
-    kind = request.param
-    cfg, _ = CONFIGS[kind]
-    ref = randomize(CogVideoXTransformer3DModel(**cfg).eval())
-    root = tmp_path_factory.mktemp(f"cog{kind}")
+def write_checkpoint(kind, root):
+    """The diffusers reference with random weights, saved as a diffusers folder (sharded for 5b) and a single file."""
+    ref = randomize(CogVideoXTransformer3DModel(**CONFIGS[kind][0]).eval())
     ref.save_pretrained(root / "diffusers" / "transformer", max_shard_size="300KB" if kind == "5b" else "10GB")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, root / "single.safetensors")
-    return kind, ref, root
+    return ref
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def ckpt(request, tmp_path_factory):
+    """(kind, diffusers reference, checkpoint root) for each tiny architecture."""
+    root = tmp_path_factory.mktemp(f"cog{request.param}")
+    return request.param, write_checkpoint(request.param, root), root
 
 
 def inputs(grid, b=2, seed=1):
@@ -100,6 +103,23 @@ def test_forward_parity(ckpt, layout):
         print(f"CogVideoX {kind}-style, grid {grid}, {layout}: max|diff|/max|ref| = {err:.2e}")
         assert got.dtype == torch.float32 and got.shape == x.transpose(1, 2).shape
         assert err <= 1e-4
+
+
+@pytest.mark.slow
+def test_forward_parity_real_2b(tmp_path):
+    """The real CogVideoX-2B architecture (random weights, fp32, ~7 GB at a time): diffusers vs minivdit."""
+    ref = randomize(CogVideoXTransformer3DModel(**diffusers_config(PRESETS["cogvideox-2b"].config)).eval())
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(1, 2, 16, 8, 12, generator=g), torch.tensor([500]), torch.randn(1, 226, 4096, generator=g)
+    want = reference(ref, x, t, ctx)
+    ref.save_pretrained(tmp_path / "transformer")
+    del ref
+    model, preset, _ = load_cogvideox(tmp_path)
+    assert preset == "cogvideox-2b"
+    with torch.no_grad():
+        got = model(x.transpose(1, 2), t, ctx).transpose(1, 2)
+    print(f"real 2B forward: max|diff|/max|ref| = {rel_err(got, want):.2e}")
+    assert rel_err(got, want) <= 1e-4
 
 
 def test_real_presets_have_the_diffusers_state_dict():
@@ -283,10 +303,9 @@ def test_missing_files(tmp_path):
         load_cogvideox(tmp_path)
 
 
-def test_wrong_preset_names_the_mis_shaped_key(ckpt):
-    kind, _, root = ckpt
-    if kind != "1.5":
-        pytest.skip("one checkpoint suffices")
+def test_wrong_preset_names_the_mis_shaped_key(tmp_path):
+    root = tmp_path
+    write_checkpoint("1.5", root)
     for path in (root / "diffusers", root / "single.safetensors"):
         with pytest.raises(CheckpointError) as e:
             load_cogvideox(path, preset="cogvideox-tiny")  # a 1.5 checkpoint forced to a 1.0 preset
@@ -318,10 +337,9 @@ def test_sat_checkpoints_are_refused(tmp_path):
         load_cogvideox(tmp_path / "sat.safetensors")
 
 
-def test_other_checkpoint_errors(ckpt, tmp_path):
-    kind, ref, root = ckpt
-    if kind != "2b":
-        pytest.skip("one checkpoint suffices")
+def test_other_checkpoint_errors(tmp_path):
+    root = tmp_path / "ckpt"
+    ref = write_checkpoint("2b", root)
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     save_file({"foo.weight": torch.zeros(2)}, tmp_path / "foo.safetensors")
     with pytest.raises(CheckpointError, match="not a CogVideoX DiT checkpoint"):
@@ -366,3 +384,15 @@ def test_presets():
     for f in shared:  # the fields the pipeline reads from a preset of either family
         assert f in wan.Preset.__dataclass_fields__ and f in type(p).__dataclass_fields__
     assert CogVideoXConfig().dim == 1920 and PRESETS["cogvideox-5b"].config.dim == 3072
+
+
+def test_guidance_reads_cogvideox_presets():
+    from minivdit.guidance import from_preset
+    g = from_preset(PRESETS["cogvideox-5b"], "dg", stas=True)
+    assert (g.guidance_scale, g.stas.dims, g.stas.block, g.stas.alpha, g.stas.p, g.stas_steps) == (6.0, (1982,), 8,
+                                                                                                  1.2, 8.0, 20)
+    assert (g.dg.dims, g.dg.block, g.dg_scale) == ((1982,), 8, 1.0)
+    g = from_preset(PRESETS["cogvideox-5b"], "stg")
+    assert (g.stg_blocks, g.stg_mode) == ((30,), "R")
+    with pytest.raises(ValueError, match="no STAS settings"):
+        from_preset(PRESETS["cogvideox-2b"], "cfg", stas=True)
