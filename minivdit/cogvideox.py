@@ -324,6 +324,8 @@ class CogVideoXModel(nn.Module):
     """CogVideoX DiT: time / text / patch embeddings, positions, a block loop with perturbation points, output norm,
     projection, unpatchify."""
 
+    keep_fp32 = ()  # diffusers runs every weight in the load dtype (WanModel keeps some in float32)
+
     def __init__(self, config: CogVideoXConfig):
         super().__init__()
         c = self.config = config
@@ -499,7 +501,9 @@ def check_config(config_json: dict, c: CogVideoXConfig, where, preset: str) -> N
            if k in config_json and config_json[k] != v
            and not (k == "patch_bias" and c.patch_size_t is not None)  # ignored by 1.5's Linear
            and not (k in ("spatial_interpolation_scale", "temporal_interpolation_scale")
-                    and c.use_rotary_positional_embeddings)]  # unused with RoPE
+                    and c.use_rotary_positional_embeddings)  # unused with RoPE
+           and not (k in ("sample_height", "sample_width")  # only 1.0 RoPE positions depend on them (1.5: a bound;
+                    and not (c.use_rotary_positional_embeddings and c.patch_size_t is None))]  # an old 1.5 says 96x170)
     if bad:
         raise CheckpointError(f"{where}: config.json does not match preset {preset}: {', '.join(bad)}. Only the "
                               f"text-to-video CogVideoX DiTs are supported: {[k for k in PRESETS if 'tiny' not in k]}")
@@ -574,5 +578,5 @@ def load_cogvideox(path, preset: str | None = None, dtype: torch.dtype | None = 
     check_keys(model, sd, file=where, layout=layout)  # first: a forced preset's error names the mis-shaped keys
     if config_json is not None:
         check_config(config_json, PRESETS[preset].config, where, preset)
-    load_strict(model, sd, file=where, layout=layout, dtype=dtype)
+    load_strict(model, sd, file=where, layout=layout, dtype=dtype, keep_fp32=CogVideoXModel.keep_fp32)
     return model.to(device).eval().requires_grad_(False), preset, layout

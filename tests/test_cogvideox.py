@@ -112,7 +112,7 @@ def test_forward_parity_real_2b(tmp_path):
     g = torch.Generator().manual_seed(1)
     x, t, ctx = torch.randn(1, 2, 16, 8, 12, generator=g), torch.tensor([500]), torch.randn(1, 226, 4096, generator=g)
     want = reference(ref, x, t, ctx)
-    ref.save_pretrained(tmp_path / "transformer")
+    ref.save_pretrained(tmp_path / "transformer", max_shard_size="1GB")  # safetensors copies a shard while writing
     del ref
     model, preset, _ = load_cogvideox(tmp_path)
     assert preset == "cogvideox-2b"
@@ -310,6 +310,20 @@ def test_wrong_preset_names_the_mis_shaped_key(tmp_path):
         with pytest.raises(CheckpointError) as e:
             load_cogvideox(path, preset="cogvideox-tiny")  # a 1.5 checkpoint forced to a 1.0 preset
         assert "mis-shaped keys" in str(e.value) and "patch_embed.proj.weight (64, 128) != (64, 16, 2, 2)" in str(e.value)
+
+
+def test_config_sample_size_only_matters_for_10_rope(tmp_path):
+    """1.5's sample size only bounds its RoPE table (an older 1.5 config says 96x170): accepted; 1.0 RoPE positions
+    depend on it: refused."""
+    write_checkpoint("1.5", tmp_path / "a")
+    cfg_path = tmp_path / "a" / "diffusers" / "transformer" / "config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), sample_height=12, sample_width=14)))
+    assert load_cogvideox(tmp_path / "a" / "diffusers")[1] == "cogvideox1.5-tiny"
+    write_checkpoint("5b", tmp_path / "b")
+    cfg_path = tmp_path / "b" / "diffusers" / "transformer" / "config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), sample_height=12)))
+    with pytest.raises(CheckpointError, match="sample_height=12"):
+        load_cogvideox(tmp_path / "b" / "diffusers", preset="cogvideox-tiny-rope")
 
 
 def test_real_15_checkpoint_forced_to_5b_preset(tmp_path):
