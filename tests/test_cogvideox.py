@@ -133,15 +133,20 @@ def test_real_presets_have_the_diffusers_state_dict():
         assert shapes(ours) == shapes(ref) and len(shapes(ours)) == count
 
 
-def test_bfloat16_runs_close_to_float32(ckpt):
-    kind, ref, root = ckpt
+def test_bfloat16_matches_diffusers_in_bfloat16(ckpt):
+    """Loaded in bf16 (as cli_demo runs it), minivdit follows diffusers' precision op for op: every weight and
+    activation in bf16, the timestep sinusoid and RoPE in fp32 (bitwise equal on CPU here)."""
+    kind, _, root = ckpt
+    ref16 = CogVideoXTransformer3DModel.from_pretrained(root / "diffusers" / "transformer", torch_dtype=torch.bfloat16)
     model16, _, _ = load_cogvideox(root / "single.safetensors", dtype=torch.bfloat16)
-    model32, _, _ = load_cogvideox(root / "single.safetensors")
-    assert model16.proj_out.weight.dtype == torch.bfloat16
-    x, t, ctx = inputs(GRIDS[kind][0])
-    with torch.no_grad():
-        got, want = model16(x.transpose(1, 2), t, ctx), model32(x.transpose(1, 2), t, ctx)
-    assert got.dtype == torch.float32 and rel_err(got, want) <= 5e-2
+    assert model16.proj_out.weight.dtype == model16.transformer_blocks[0].norm1.linear.weight.dtype == torch.bfloat16
+    for grid in GRIDS[kind]:
+        x, t, ctx = inputs(grid)
+        want = reference(ref16.eval(), x.bfloat16(), t, ctx.bfloat16()).float()  # the pipeline's bf16 latents
+        with torch.no_grad():
+            got = model16(x.transpose(1, 2), t, ctx).transpose(1, 2)
+        print(f"CogVideoX {kind}-style bf16, grid {grid}: max|diff|/max|ref| = {rel_err(got, want):.2e}")
+        assert got.dtype == torch.float32 and rel_err(got, want) <= 1e-3
 
 
 # --- T5 ----------------------------------------------------------------------------------------------------------
@@ -162,7 +167,8 @@ def test_t5_encoding_matches_diffusers(tmp_path):
     encoder = load_t5_encoder(tmp_path, dtype=torch.float32)  # the diffusers root: finds text_encoder/
     got = encode_t5(prompts, load_tokenizer(tmp_path), encoder)
     assert got.shape == want.shape == (5, 226, 32)
-    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    print(f"T5 (tiny) vs diffusers _get_t5_prompt_embeds: max|diff|/max|ref| = {rel_err(got, want):.2e}")
+    assert rel_err(got, want) <= 1e-6
     assert got[0, 100:].abs().amax() > 0  # pad rows are encoder outputs: no mask, no trimming, no zeros
     assert encoder.encoder.embed_tokens.weight is encoder.shared.weight
 
