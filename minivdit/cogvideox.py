@@ -2,8 +2,8 @@
 
 Sources (read, not copied): diffusers 0.42 `models/transformers/cogvideox_transformer_3d.py`
 (CogVideoXTransformer3DModel, the reference our parity tests run against), `models/embeddings.py`
-(CogVideoXPatchEmbed, get_3d_sincos_pos_embed, get_3d_rotary_pos_embed, apply_rotary_emb), `models/attention_processor.py`
-(CogVideoXAttnProcessor2_0), `models/normalization.py` (CogVideoXLayerNormZero, AdaLayerNorm),
+(CogVideoXPatchEmbed, get_3d_sincos_pos_embed, get_3d_rotary_pos_embed, apply_rotary_emb),
+`models/attention_processor.py` (CogVideoXAttnProcessor2_0), `models/normalization.py` (CogVideoXLayerNormZero, AdaLayerNorm),
 `pipelines/cogvideo/pipeline_cogvideox.py` (_prepare_rotary_positional_embeddings, the 1.5 latent-frame padding);
 THUDM/CogVideo `sat/dit_video_concat.py`. Facts: reference/models.md §3.1-3.4, §3.8-3.9.
 
@@ -130,7 +130,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class LayerNormZero(nn.Module):
     """diffusers CogVideoXLayerNormZero: one LayerNorm for both streams, each modulated by its own shift / scale; the
-    gates come back for the residual update. linear: SiLU(emb) -> [shift, scale, gate, enc_shift, enc_scale, enc_gate]."""
+    gates come back for the residual update. linear: SiLU(emb) -> [shift, scale, gate, enc_shift, enc_scale,
+    enc_gate] (video first, `enc_` = text)."""
 
     def __init__(self, time_embed_dim: int, dim: int, eps: float):
         super().__init__()
@@ -477,7 +478,8 @@ def find_transformer(path) -> tuple[list[Path], dict | None]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or folder.")
-    if path.suffix in (".pt", ".pth", ".ckpt", ".bin") or (path.is_dir() and any(path.rglob("mp_rank_*_model_states.pt"))):
+    sat_states = path.is_dir() and any(path.rglob("mp_rank_*_model_states.pt"))  # SAT: transformer/1000/...
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin") or sat_states:
         raise CheckpointError(f"{path}: {SAT_HELP}")
     if path.is_dir() and (path / "transformer").is_dir():
         path = path / "transformer"
@@ -496,14 +498,15 @@ def find_transformer(path) -> tuple[list[Path], dict | None]:
 
 def check_config(config_json: dict, c: CogVideoXConfig, where, preset: str) -> None:
     """Raise CheckpointError if a config.json field disagrees with the preset's architecture (or is not T2V)."""
-    want = diffusers_config(c)
-    bad = [f"{k}={config_json[k]!r} (preset {preset}: {v!r})" for k, v in want.items()
-           if k in config_json and config_json[k] != v
-           and not (k == "patch_bias" and c.patch_size_t is not None)  # ignored by 1.5's Linear
-           and not (k in ("spatial_interpolation_scale", "temporal_interpolation_scale")
-                    and c.use_rotary_positional_embeddings)  # unused with RoPE
-           and not (k in ("sample_height", "sample_width")  # only 1.0 RoPE positions depend on them (1.5: a bound;
-                    and not (c.use_rotary_positional_embeddings and c.patch_size_t is None))]  # an old 1.5 says 96x170)
+    ignore = set()  # fields that do not change this architecture's output
+    if c.patch_size_t is not None:
+        ignore.add("patch_bias")  # 1.5's Linear has a bias whatever it says
+    if c.use_rotary_positional_embeddings:
+        ignore |= {"spatial_interpolation_scale", "temporal_interpolation_scale"}  # sin-cos only
+    if not (c.use_rotary_positional_embeddings and c.patch_size_t is None):
+        ignore |= {"sample_height", "sample_width"}  # they place 1.0 RoPE only (1.5: a bound; an old 1.5 says 96x170)
+    bad = [f"{k}={config_json[k]!r} (preset {preset}: {v!r})" for k, v in diffusers_config(c).items()
+           if k in config_json and config_json[k] != v and k not in ignore]
     if bad:
         raise CheckpointError(f"{where}: config.json does not match preset {preset}: {', '.join(bad)}. Only the "
                               f"text-to-video CogVideoX DiTs are supported: {[k for k in PRESETS if 'tiny' not in k]}")
@@ -513,7 +516,7 @@ def preset_from_state(sd, config_json: dict | None) -> list[str]:
     """The presets whose shapes (patch embedding kind and size, layers, text dim, output) match a state dict and,
     when a config.json is given, whose architecture agrees with it."""
     proj = shape_of(sd, "patch_embed.proj.weight")
-    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    layers = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")), default=-1)
     found = []
     for name, p in PRESETS.items():
         c = p.config
@@ -534,8 +537,7 @@ def preset_from_state(sd, config_json: dict | None) -> list[str]:
 
 def open_cogvideox(path, preset: str | None = None):
     """Read a CogVideoX DiT checkpoint's keys and shapes (no weights yet): (lazy state dict, layout, preset, file,
-    config.json as a dict or None).
-    Detects the preset from the shapes (and config.json) if preset is None; refuses SAT files and image-to-video
+    config.json as a dict or None). Detects the preset from the shapes (and config.json) if preset is None; refuses SAT files and image-to-video
     checkpoints."""
     files, config_json = find_transformer(path)
     where = files[0] if len(files) == 1 else files[0].parent
@@ -567,9 +569,9 @@ def load_cogvideox(path, preset: str | None = None, dtype: torch.dtype | None = 
     """Load a CogVideoX DiT (text-to-video) from a diffusers folder or a single .safetensors file; returns (model,
     preset name, layout).
 
-    path: a diffusers root (with transformer/), a transformer/ folder (config.json + diffusion_pytorch_model*.safetensors
-    [+ index]) or a single .safetensors file with diffusers names. preset: a key of PRESETS; None detects it from the
-    weight shapes and config.json. dtype: parameter dtype (None: as stored; every tensor, as diffusers). Raises
+    path: a diffusers root (with transformer/), a transformer/ folder (config.json +
+    diffusion_pytorch_model*.safetensors [+ index]) or a single .safetensors file with diffusers names.
+    preset: a key of PRESETS; None detects it from the weight shapes and config.json. dtype: parameter dtype (None: as stored; every tensor, as diffusers). Raises
     CheckpointError naming the file, the layout detected and the missing / unexpected / mis-shaped keys.
     """
     sd, layout, preset, where, config_json = open_cogvideox(path, preset)

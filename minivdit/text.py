@@ -66,7 +66,8 @@ def tiny_umt5_config(vocab_size: int) -> UMT5Config:
 
 
 def t5_v1_1_xxl_config() -> T5Config:
-    """google/t5-v1_1-xxl encoder as used by CogVideoX (models.md §3.6): relative bias in block 0 only, 4.76 B params."""
+    """google/t5-v1_1-xxl encoder as used by CogVideoX (models.md §3.6): relative bias in block 0 only, 4.76 B
+    params."""
     return T5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
                     feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,

@@ -315,7 +315,8 @@ def test_wrong_preset_names_the_mis_shaped_key(tmp_path):
     for path in (root / "diffusers", root / "single.safetensors"):
         with pytest.raises(CheckpointError) as e:
             load_cogvideox(path, preset="cogvideox-tiny")  # a 1.5 checkpoint forced to a 1.0 preset
-        assert "mis-shaped keys" in str(e.value) and "patch_embed.proj.weight (64, 128) != (64, 16, 2, 2)" in str(e.value)
+        msg = str(e.value)
+        assert "mis-shaped keys" in msg and "patch_embed.proj.weight (64, 128) != (64, 16, 2, 2)" in msg
 
 
 def test_config_sample_size_only_matters_for_10_rope(tmp_path):
