@@ -176,13 +176,13 @@ def test_t5_encoding_matches_diffusers(tmp_path):
 # --- interventions -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return randomize(CogVideoXModel(PRESETS["cogvideox-tiny-rope"].config).eval(), seed=3)
+@pytest.fixture(scope="module", params=["cogvideox-tiny", "cogvideox-tiny-rope", "cogvideox1.5-tiny"])
+def model(request):
+    """Each tiny architecture (sin-cos, RoPE, 1.5's two-frame patches), every parameter random."""
+    return randomize(CogVideoXModel(PRESETS[request.param].config).eval(), seed=3)
 
 
-def model_inputs(b=2, f=3, h=6, w=8):
+def model_inputs(b=2, f=4, h=6, w=8):
     x, t, ctx = inputs((f, h, w), b=b)
     return x.transpose(1, 2), t, ctx
 
@@ -214,7 +214,7 @@ def test_interventions_change_the_output(model):
 def test_stas_changes_only_video_tokens_of_s_and_channels_m(model):
     x, t, ctx = model_inputs()
     layout = model.layout(x.shape)
-    assert layout.text_len == 226 and layout.num_tokens == 226 + 3 * 3 * 4
+    assert layout.text_len == 226 and layout.num_tokens == 226 + layout.token_frames * 3 * 4
     clean, steered = {}, {}
     steer = Steer(block=1, dims=(3, 7), alpha=1.2, p=20)
     model(x, t, ctx, Perturb(capture=lambda i, h: clean.__setitem__(i, h)))
@@ -247,7 +247,7 @@ def test_stg_a_keeps_the_text_rows_of_joint_attention(model):
     attn = model.transformer_blocks[1].attn1
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 226 + 36, 64, generator=g)
-    rope = rope_cos_sin((3, 3, 4), 16, (4, 6), sliced=False)
+    rope = rope_cos_sin((3, 3, 4), 16, (4, 6), sliced=False)  # RoPE or not, the text rows must not change
     plain, ident = attn(x, 226, rope), attn(x, 226, rope, identity=True)
     assert torch.allclose(ident[:, :226], plain[:, :226], atol=1e-6, rtol=0)  # text rows attend as usual
     assert torch.allclose(ident[:, 226:], attn.to_out[0](attn.to_v(x[:, 226:])), atol=1e-6, rtol=0)
