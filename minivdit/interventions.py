@@ -101,8 +101,9 @@ class Steer:
     """STAS: at the output of block `block`, for channels `dims` and tokens S, replace h[i, d] (STAS Eq. 3-5;
     docs/methods.md#stas).
 
-    rule 'max':     h[i, d] <- alpha * max_j |h[j, d]| * sign(h[i, d])   (the max over all tokens j of the same
-                    sample, so a batched pass equals sequential passes);
+    rule 'max':     h[i, d] <- alpha * max_j |h[j, d]| * sign(h[i, d])   (the max over the video tokens j of the
+                    same sample -- a text prefix, CogVideoX's 226 tokens, is left out -- so a batched pass equals
+                    sequential passes);
     rule 'scaling': h[i, d] <- (1 + omega) * h[i, d] (Table 5's ablation; the paper gives no omega: the default 1.5
                     is our choice, the 2.5x amplification of Fig. 3d-e; omega <= 0 is refused, 0 being no steering).
     tokens: 'first' (F0), 'boundary' (B(p)) or 'first+boundary' (F0 ∪ B(p), the paper's S); p in percent [0, 50].
@@ -135,7 +136,8 @@ class Steer:
         s, m = _tokens(layout, self.tokens, self.p).to(h.device), list(self.dims)
         hm = h[:, :, m]  # (B, L, |M|)
         if self.rule == "max":
-            peak = hm.abs().amax(dim=1, keepdim=True)  # (B, 1, |M|): per sample and channel
+            peak = hm[:, layout.text_len:].abs().amax(dim=1, keepdim=True)  # (B, 1, |M|): per sample and channel,
+            # over the video tokens only
             new = self.alpha * peak * torch.sign(hm[:, s])  # (B, |S|, |M|)
         else:
             new = (1 + self.omega) * hm[:, s]
@@ -207,3 +209,38 @@ def branch_point(parent: Perturb, child: Perturb, num_layers: int) -> tuple[int,
         if parent.edits(i) != child.edits(i):
             return i, 1
     return num_layers, 0
+
+
+def run_blocks(block, num_layers: int, h: torch.Tensor, cond: tuple[torch.Tensor, ...], perturb: Perturb,
+               branches: tuple[tuple[int, Perturb], ...], layout: TokenLayout):
+    """The block loop of a DiT with the perturbation points and shared-prefix branches (used by every family).
+
+    block(i, h, cond, identity_attn) -> h runs blocks[i] on the residual stream h (B', L, D) with the per-row
+    conditioning `cond` (a tuple of tensors with B' rows: time embeddings, text context, ...). `perturb` is checked
+    before and after every block (Perturb.inside / Perturb.after). Each branch (row, Perturb) copies input row `row`
+    at its branch_point and follows its own Perturb from there; the blocks before run once (shared prefix).
+    Returns (h, cond) for all rows: the B input rows, then one row per branch in the order of `branches`.
+    """
+    groups = [[h, cond, perturb]]  # a group = rows that follow one Perturb
+    points = [branch_point(perturb, p, num_layers) for _, p in branches]
+    order = []  # branch index of groups[1:]
+
+    def spawn(i, phase):
+        for j, ((row, p), point) in enumerate(zip(branches, points)):
+            if point == (i, phase):
+                h0, cond0 = groups[0][:2]
+                groups.append([h0[row:row + 1], tuple(c[row:row + 1] for c in cond0), p])
+                order.append(j)
+
+    for i in range(num_layers):
+        spawn(i, 0)
+        for g in groups:
+            skipped, identity = g[2].inside(i)
+            if not skipped:  # STG-R: a skipped block's output is its input
+                g[0] = block(i, g[0], g[1], identity)
+        spawn(i, 1)
+        for g in groups:
+            g[0] = g[2].after(i, g[0], layout)
+    spawn(num_layers, 0)
+    groups = groups[:1] + [groups[1 + order.index(j)] for j in range(len(branches))]
+    return torch.cat([g[0] for g in groups]), tuple(torch.cat(c) for c in zip(*(g[1] for g in groups)))

@@ -1,4 +1,4 @@
-"""Wan text encoding: umt5-xxl through transformers' `UMT5EncoderModel`, prompt cleaning, pad/trim rules.
+"""Text encoding: umt5-xxl (Wan) and T5-v1.1-xxl (CogVideoX) through transformers, prompt cleaning, pad/trim rules.
 
 References (read, not copied):
   Wan2.1 `wan/modules/t5.py` (native umt5 encoder, `HuggingfaceTokenizer(clean='whitespace')`),
@@ -8,6 +8,10 @@ References (read, not copied):
 Encoding (both references): clean -> tokenize to `text_len` (EOS appended, pad id 0) -> run the encoder WITH the
 attention mask -> keep the first `mask.sum()` rows (EOS included) -> zero-pad back to `text_len` rows. The DiT
 sees the zero rows (no cross-attention mask), so they are part of the conditioning.
+
+CogVideoX (`encode_t5`, `load_t5_encoder`; diffusers `CogVideoXPipeline._get_t5_prompt_embeds`, models.md §3.6): no
+cleaning -> tokenize padded to 226 tokens (EOS appended, pad id 0, truncated) -> run `T5EncoderModel` WITHOUT an
+attention mask -> use all 226 rows as they come (pad rows are encoder outputs, not zeros).
 
 Checkpoint layouts accepted by `load_text_encoder` (detected from the key names):
   native      `models_t5_umt5-xxl-enc-bf16.pth` (Wan names, renamed by `umt5_from_native`; no config file)
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import ftfy
 import torch
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+from transformers import AutoTokenizer, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from .checkpoints import CheckpointError, load_strict, read_state_dict
 
@@ -59,6 +63,23 @@ def tiny_umt5_config(vocab_size: int) -> UMT5Config:
                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
                       feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
                       tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False)
+
+
+def t5_v1_1_xxl_config() -> T5Config:
+    """google/t5-v1_1-xxl encoder as used by CogVideoX (models.md §3.6): relative bias in block 0 only, 4.76 B
+    params."""
+    return T5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
+                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                    feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
+                    tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False)
+
+
+def tiny_t5_config(vocab_size: int) -> T5Config:
+    """A tiny T5 with the v1.1-xxl structure (gated-gelu, shared relative bias) for tests and demos."""
+    return T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                    feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
+                    tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,6 +195,35 @@ def load_text_encoder(path: str | os.PathLike, config: UMT5Config | None = None,
     return model.to(device).eval()
 
 
+def load_t5_encoder(path: str | os.PathLike, config: T5Config | None = None, dtype: torch.dtype = torch.bfloat16,
+                    device: torch.device | str = "cpu") -> T5EncoderModel:
+    """Load CogVideoX's T5 encoder strictly from a diffusers `text_encoder/` folder (config.json + safetensors, maybe
+    sharded), a diffusers root holding it, or a single transformers-named safetensors file.
+
+    config: None reads `config.json` from the folder, else the T5-v1.1-xxl config. Returns the encoder in eval mode
+    on `device`, floating weights in `dtype` (diffusers' cli_demo runs it in bf16, SAT in fp32).
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "text_encoder").is_dir():
+        path = path / "text_encoder"
+    if config is None and path.is_dir() and (path / "config.json").exists():
+        config = T5Config.from_json_file(path / "config.json")
+    config = config or t5_v1_1_xxl_config()
+    sd = read_state_dict(path)
+    embed_key = "shared.weight" if "shared.weight" in sd else TIED if TIED in sd else None
+    embed = {}
+    if embed_key is not None:  # one tensor under both tied names (see load_text_encoder)
+        t = sd[embed_key]
+        embed = dict.fromkeys(["shared.weight", TIED], t.to(dtype) if t.is_floating_point() else t)
+    sd = _View(sd, drop=("spiece_model",), extra=embed)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    load_strict(model, sd, file=path, layout="transformers folder" if path.is_dir() else "transformers single file",
+                dtype=dtype)
+    model.encoder.embed_tokens.weight = model.shared.weight  # re-tie
+    return model.to(device).eval()
+
+
 def load_tokenizer(path: str | os.PathLike):
     """A local transformers tokenizer: a tokenizer folder, or a checkpoint dir holding `google/umt5-xxl/`
     (native Wan) or `tokenizer/` (diffusers). Never contacts a hub."""
@@ -211,6 +261,21 @@ def encode_text(prompts: str | list[str], tokenizer, encoder: UMT5EncoderModel, 
     out = h.new_zeros(h.shape[0], text_len, h.shape[2])
     out[:, : h.shape[1]] = h
     return out.to(device=device or enc_device, dtype=dtype)  # (B, text_len, D)
+
+
+@torch.no_grad()
+def encode_t5(prompts: str | list[str], tokenizer, encoder: T5EncoderModel, text_len: int = 226,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """CogVideoX prompts -> context (B, text_len, d_model), as diffusers `CogVideoXPipeline._get_t5_prompt_embeds`:
+    no cleaning, padding to exactly text_len tokens (truncation keeps EOS), the encoder called on the ids alone (no
+    attention mask, so pad tokens take part), every row kept. The negative prompt of diffusers' CFG is "" encoded
+    this way (SAT uses zeros instead). Runs in the encoder's dtype/device; returns `dtype` on `device`."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    tokens = tokenizer(prompts, padding="max_length", max_length=text_len, truncation=True, add_special_tokens=True,
+                       return_tensors="pt")
+    enc_device = encoder.shared.weight.device
+    h = encoder(tokens.input_ids.to(enc_device))[0]  # (B, text_len, D)
+    return h.to(device=device or enc_device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from einops import rearrange
 
 from .attention import attention
 from .checkpoints import CheckpointError, LazySafetensors, Renamed, load_strict, safetensors_files, shape_of
-from .interventions import Perturb, TokenLayout, branch_point
+from .interventions import Perturb, TokenLayout, run_blocks
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -227,30 +227,12 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(dtype))  # (B, text_len, dim)
         rope = rope_angles(grid, c.dim // c.num_heads, device=x.device)
 
-        # a group = rows that follow one Perturb: [h, e, e0, context, perturb]
-        groups = [[h, e, e0, context, perturb]]
-        points = [branch_point(perturb, p, c.num_layers) for _, p in branches]
+        def run(i, h, cond, identity):
+            e, e0, context = cond
+            return self.blocks[i](h, e0, context, rope, identity_attn=identity)
 
-        def spawn(i, phase):
-            for (row, p), point in zip(branches, points):
-                if point == (i, phase):
-                    groups.append([g[row:row + 1] for g in groups[0][:4]] + [p])
-
-        for i, block in enumerate(self.blocks):
-            spawn(i, 0)
-            for g in groups:
-                skipped, identity = g[4].inside(i)
-                if not skipped:  # STG-R: a skipped block's output is its input
-                    g[0] = block(g[0], g[2], g[3], rope, identity_attn=identity)
-            spawn(i, 1)
-            for g in groups:
-                g[0] = g[4].after(i, g[0], layout)
-        spawn(c.num_layers, 0)
-
-        out = torch.cat([self.head(g[0], g[1]) for g in groups])  # (B + branches, L, prod(patch) * out_dim)
-        if branches:  # groups were appended in branch-point order: restore the order of `branches`
-            order = sorted(range(len(branches)), key=lambda j: points[j])
-            out = torch.cat([out[:b], out[b:][torch.argsort(torch.tensor(order))]])
+        h, (e, _, _) = run_blocks(run, len(self.blocks), h, (e, e0, context), perturb, branches, layout)
+        out = self.head(h, e)  # (B + branches, L, prod(patch) * out_dim)
         pt, ph, pw = c.patch_size
         out = rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
                         f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)  # (B', out_dim, F, H, W)
