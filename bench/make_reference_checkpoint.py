@@ -1,8 +1,11 @@
-"""Write a Wan2.1-T2V checkpoint at the REAL configuration with random weights, built by diffusers (the reference),
-in the official native layout and in diffusers' layout -- for verifying minivdit without downloading anything.
+"""Write a Wan checkpoint (Wan2.1-T2V or Wan2.2-TI2V-5B) at the REAL configuration with random weights, built by
+diffusers (the reference), in the official native layout and in diffusers' layout -- for verifying minivdit without
+downloading anything.
 
     python bench/make_reference_checkpoint.py --out weights/wan2.1-1.3b-random            # native + diffusers
     python bench/make_reference_checkpoint.py --out weights/wan2.1-1.3b-random --layouts native
+    python bench/make_reference_checkpoint.py --preset wan2.2-ti2v-5b --dtype bfloat16 --layouts native \
+        --out weights/wan2.2-ti2v-5b-random           # 5B DiT in bf16 (10 GB) + Wan2.2_VAE.pth + umt5-xxl
 
 <out>/native/     diffusion_pytorch_model.safetensors, config.json, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth,
                   google/umt5-xxl/                                    (the Wan-AI/Wan2.1-T2V-1.3B layout)
@@ -29,7 +32,7 @@ from transformers import UMT5EncoderModel  # noqa: E402
 
 from minivdit.text import make_tiny_tokenizer, umt5_to_native, umt5_xxl_config  # noqa: E402
 from minivdit.wan import PRESETS, from_diffusers, native_config  # noqa: E402
-from minivdit.wan_vae import vae_from_diffusers  # noqa: E402
+from minivdit.wan_vae import WAN22_LATENT_MEAN, WAN22_LATENT_STD, vae_from_diffusers  # noqa: E402
 
 
 def log(msg, t0=time.perf_counter()):
@@ -42,18 +45,24 @@ def main():
     p.add_argument("--preset", default="wan2.1-t2v-1.3b", choices=[k for k in PRESETS if "tiny" not in k])
     p.add_argument("--layouts", default="native,diffusers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="DiT weights dtype (bfloat16 halves the memory and files of the 5B model)")
     args = p.parse_args()
     layouts = args.layouts.split(",")
     out = Path(args.out)
     if out.exists():
         sys.exit(f"{out} exists; choose another --out")
-    c = PRESETS[args.preset].config
+    preset = PRESETS[args.preset]
+    c = preset.config
     torch.manual_seed(args.seed)
 
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, args.dtype))  # build the DiT directly in its dtype
     dit = WanTransformer3DModel(num_attention_heads=c.num_heads, attention_head_dim=c.dim // c.num_heads,
                                 in_channels=c.in_dim, out_channels=c.out_dim, text_dim=c.text_dim, freq_dim=c.freq_dim,
                                 ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=True,
                                 qk_norm="rms_norm_across_heads", eps=c.eps, patch_size=c.patch_size)
+    torch.set_default_dtype(default)
     log(f"DiT built: {sum(t.numel() for t in dit.parameters()) / 1e9:.4f} B parameters")
     if "diffusers" in layouts:
         dit.save_pretrained(out / "diffusers" / "transformer")
@@ -65,18 +74,22 @@ def main():
     del dit
     log("DiT written")
 
-    vae = AutoencoderKLWan()  # the Wan2.1 VAE config is diffusers' default
+    wan22 = preset.vae == "wan2.2"
+    vae = AutoencoderKLWan(  # models.md §2.6 (DC:wan); the Wan2.1 VAE config is diffusers' default
+        base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+        patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16, temperal_downsample=[False, True, True],
+        latents_mean=list(WAN22_LATENT_MEAN), latents_std=list(WAN22_LATENT_STD)) if wan22 else AutoencoderKLWan()
     if "diffusers" in layouts:
         vae.save_pretrained(out / "diffusers" / "vae")
     if "native" in layouts:
-        torch.save(vae_from_diffusers(vae.state_dict()), out / "native" / "Wan2.1_VAE.pth")
+        torch.save(vae_from_diffusers(vae.state_dict(), residual=wan22),
+                   out / "native" / ("Wan2.2_VAE.pth" if wan22 else "Wan2.1_VAE.pth"))
     del vae
     log("VAE written")
 
     for layout, sub in (("native", "google/umt5-xxl"), ("diffusers", "tokenizer")):
         if layout in layouts:
             make_tiny_tokenizer(out / layout / sub)
-    default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # build umt5-xxl directly in bf16 (11.4 GB instead of 22.7 GB)
     try:
         enc = UMT5EncoderModel(umt5_xxl_config())

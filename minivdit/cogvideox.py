@@ -421,7 +421,7 @@ class Preset:
     stg: dict = field(default_factory=dict)
 
 
-# STAS Table A3 (MA channel, block m 0-based, alpha, p in %, K steps) = wan.STAS_TABLE["cogvideox-5b"]; DG zeroes the
+# STAS Table A3 (MA channel, block m 0-based, alpha, p in %, K steps); DG zeroes the
 # same channel at the same block, w = 1 (as the Wan presets). No STAS row exists for 2B or 1.5. STG: block 30 of 5B,
 # the one CogVideoX example of the official STGuidance code (junhahyung/STGuidance CogVideoX/inference.py: CogVideoX-5b,
 # layer 30, scale 4.0, rescaling on). Its example says "STG-A", but its pipeline only skips the block for the perturbed

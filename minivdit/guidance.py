@@ -289,7 +289,8 @@ def defaults_table(presets: dict) -> str:
         stas = ", ".join(str(p.stas.get(k, "-")) for k in ("dims", "block", "alpha", "p", "steps")) if p.stas else "-"
         dgs = ", ".join(str(p.dg.get(k, "-")) for k in ("dims", "block", "scale")) if p.dg else "-"
         stg_ = ", ".join(str(p.stg.get(k, "-")) for k in ("blocks", "mode")) if p.stg else "-"
-        rows.append(f"| {name} | {p.guidance_scale} | {stas} | {dgs} | {stg_} |")
+        g_ = ", ".join(f"{e.name} {e.guidance_scale}" for e in getattr(p, "experts", ())) or p.guidance_scale
+        rows.append(f"| {name} | {g_} | {stas} | {dgs} | {stg_} |")
     rows += ["", f"For every preset: STG scale s by mode {STG_SCALE}, STG rescale {g.stg_rescale} (off; "
                  f"{STG_RESCALE_ON} when on), CFG-Zero* zero_init_steps {g.zero_init_steps}, APG eta {g.apg_eta}, "
                  f"norm threshold {g.apg_norm_threshold} (off), momentum {g.apg_momentum}; STAS token set "

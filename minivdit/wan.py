@@ -290,8 +290,7 @@ class Preset:
 # STAS Tables A2-A3 (MA channel, block m as a 0-based index into the block list, alpha, p in %, K steps); the Wan2.2
 # and CogVideoX rows are stored for the model families that plug in later.
 STAS_TABLE = {"wan2.1-t2v-1.3b": dict(dims=(1188,), block=9, alpha=2.5, p=8.0, steps=20),
-              "wan2.2-ti2v-5b": dict(dims=(1938,), block=9, alpha=2.0, p=12.0, steps=20),
-              "cogvideox-5b": dict(dims=(1982,), block=8, alpha=1.2, p=8.0, steps=20)}
+              "wan2.2-ti2v-5b": dict(dims=(1938,), block=9, alpha=2.0, p=12.0, steps=20)}
 
 PRESETS = {
     # STAS: Tables A2-A3. DG: the STAS MA channel zeroed at the STAS block, w = 1 (our choice: the DG paper has no

@@ -392,7 +392,7 @@ def test_other_checkpoint_errors(tmp_path):
 
 
 def test_presets():
-    assert PRESETS["cogvideox-5b"].stas == wan.STAS_TABLE["cogvideox-5b"]
+    assert PRESETS["cogvideox-5b"].stas == dict(dims=(1982,), block=8, alpha=1.2, p=8.0, steps=20)  # Table A3
     assert PRESETS["cogvideox-5b"].dg == dict(dims=(1982,), block=8, scale=1.0)
     assert not PRESETS["cogvideox-2b"].stas and not PRESETS["cogvideox1.5-5b"].stas
     for name in ("cogvideox-2b", "cogvideox-5b"):

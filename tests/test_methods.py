@@ -11,11 +11,13 @@ from minivdit import guidance as G
 from minivdit.guidance import OPTIONS, STG_RESCALE_ON, Guidance, from_preset
 from minivdit.interventions import Perturb, Steer, TokenLayout, Zero
 from minivdit.pipeline import SampleConfig, WanPipeline
+from minivdit.cogvideox import PRESETS as COG_PRESETS
 from minivdit.wan import PRESETS
 from samplers import compare, t2v
 
 ROOT = Path(__file__).resolve().parent.parent
 WAN = [name for name in PRESETS if name.startswith("wan")]
+ALL_PRESETS = {**PRESETS, **COG_PRESETS}
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +215,7 @@ def test_method_card_defaults_match_the_code():
     card = (ROOT / "docs" / "methods.md").read_text()
     table = re.search(r"<!-- defaults:begin -->\n(.*?)\n<!-- defaults:end -->", card, re.S)
     assert table is not None, "docs/methods.md lost its generated defaults table"
-    assert table.group(1) == G.defaults_table(PRESETS), \
-        "docs/methods.md defaults are stale: paste minivdit.guidance.defaults_table(wan.PRESETS) between the markers"
+    assert table.group(1) == G.defaults_table(ALL_PRESETS), \
+        "docs/methods.md defaults are stale: paste guidance.defaults_table({**wan.PRESETS, **cogvideox.PRESETS})"
     for name in ("cfg", "cfg-zero", "apg", "dg", "stg", "stas", "ma-analysis"):
         assert f'<a id="{name}"></a>' in card, name
