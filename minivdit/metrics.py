@@ -412,10 +412,13 @@ def plot_summary(summary: Sequence[dict], columns: Sequence[str], path) -> Path:
             ax.set_xticks(np.arange(len(methods)), methods, rotation=30, ha="right", fontsize=7)
             ax.set_title(c, fontsize=8)
             ax.tick_params(labelsize=7)
-            if any(np.isfinite(means)):
+            if any(np.isfinite(means)):  # near-ceiling metrics: zoom on the differences (STAS Table 2's regime)
                 lo, hi = np.nanmin(means), np.nanmax(means)
                 pad = max((hi - lo) * 0.5, max(stds) * 1.5, abs(hi) * 1e-3, 1e-12)
-                ax.set_ylim(lo - pad, hi + pad)  # near-ceiling metrics: zoom on the differences, as in STAS Table 2
+                bottom = 0.0 if lo >= 0 and lo - pad <= 0 else lo - pad
+                ax.set_ylim(bottom, hi + pad)
+                if bottom != 0:
+                    ax.set_title(f"{c} (y axis not from 0)", fontsize=8)
         for ax in axes[len(columns):]:
             ax.set_visible(False)
 
