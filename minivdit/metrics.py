@@ -63,13 +63,14 @@ def video_uint8(video) -> np.ndarray:
     return to_uint8(video.detach())
 
 
-def _frames01(video) -> torch.Tensor:
-    """(T, H, W, 3) uint8 numpy or (3, T, H, W) float tensor in [-1, 1] -> (T, 3, H, W) float64 in [0, 1] (a float
-    video is not quantized)."""
+def _frames01(video, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Frames start:stop of a (T, H, W, 3) uint8 numpy or (3, T, H, W) float tensor in [-1, 1] video -> (N, 3, H, W)
+    float64 in [0, 1] (a float video is not quantized)."""
     if isinstance(video, np.ndarray):
-        return torch.from_numpy(video_uint8(video)).permute(0, 3, 1, 2).double() / 255
+        frames = np.ascontiguousarray(video_uint8(video)[start:stop].transpose(0, 3, 1, 2))  # uint8: a cheap copy
+        return torch.from_numpy(frames).double().div_(255)
     video_uint8(video[:, :1])  # shape check only
-    return ((video.detach().double().cpu().clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3)
+    return ((video[:, start:stop].detach().double().cpu().clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3)
 
 
 def split(per_transition: Sequence[float], cross: Sequence[bool]) -> dict:
@@ -223,18 +224,23 @@ def frame_consistency(video, stride: int = 4, features: Callable[[torch.Tensor],
     frames at a time (None: `pixel_features`; `load_backbone` gives DINO / CLIP). Two all-zero embeddings count as
     identical (1.0). Returns `split`'s dict of the T - 1 cosines in [-1, 1].
     """
-    frames = _frames01(video)  # (T, 3, H, W)
-    t = frames.shape[0]
+    _frames01(video, 0, 1)  # format check
+    t = len(video) if isinstance(video, np.ndarray) else video.shape[1]
     if t < 2:
         raise ValueError(f"need at least 2 frames, got {t}")
     embed = features or pixel_features
-    with torch.no_grad():
-        f = torch.cat([embed(frames[i:i + batch]).double().cpu() for i in range(0, t, batch)])  # (T, D)
-    norm = f.norm(dim=1)  # (T,)
-    dot = (f[:-1] * f[1:]).sum(dim=1)  # (T - 1,)
-    den = norm[:-1] * norm[1:]
-    both_zero = (norm[:-1] == 0) & (norm[1:] == 0)
-    sim = torch.where(den > 0, dot / den.clamp_min(1e-300), both_zero.double())  # (T - 1,)
+    sims, prev = [], None
+    with torch.no_grad():  # `batch` frames at a time (plus the last one before), never the whole video
+        for i in range(0, t, batch):
+            f = embed(_frames01(video, i, i + batch)).double().cpu()  # (n, D)
+            f = f if prev is None else torch.cat([prev, f])
+            norm = f.norm(dim=1)  # (n,)
+            dot = (f[:-1] * f[1:]).sum(dim=1)  # (n - 1,)
+            den = norm[:-1] * norm[1:]
+            both_zero = (norm[:-1] == 0) & (norm[1:] == 0)
+            sims.append(torch.where(den > 0, dot / den.clamp_min(1e-300), both_zero.double()))
+            prev = f[-1:]
+    sim = torch.cat(sims)  # (T - 1,)
     return split(sim.tolist(), cross_chunk(t, stride))
 
 
