@@ -122,7 +122,8 @@ def test_flow_recovers_a_known_shift():
     assert w["flow_magnitude"]["per_transition"] == pytest.approx([math.hypot(dx, dy)] * 4, abs=1.0)
     mae = 1 - temporal_flickering(video)["all"]  # unwarped mean |difference|, frames in [0, 1]
     assert w["warp_error"]["all"] < 0.02 and w["warp_error"]["all"] < mae / 4
-    assert min(w["valid_fraction"]) > 0.8  # only the strip that enters the frame is masked
+    # the strip that enters the frame (2 columns, 1 row of 64 x 80: 3.7 %) has no source in frame t: masked
+    assert all(0.8 < v < 0.985 for v in w["valid_fraction"])
 
 
 def test_flow_at_reduced_size_reports_full_size_pixels():
