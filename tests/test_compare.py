@@ -115,6 +115,15 @@ def test_same_noise_for_every_method(ckpt, tmp_path):
     assert not np.array_equal(frames(out / "p0_s3" / "cfg.mp4"), frames(out / "p0_s4" / "cfg.mp4"))
 
 
+def test_summary_std_is_over_seeds():
+    """2 prompts x 2 seeds: the spread is that of the per-seed means over prompts (2 and 6), not of the 4 runs."""
+    rows = [{"method": "cfg", "prompt": p, "seed": s, "x": x, "y": None}
+            for (p, s), x in zip([("A", 0), ("B", 0), ("A", 1), ("B", 1)], [1.0, 3.0, 5.0, 7.0])]
+    (row,) = compare.summarize(rows, ["cfg"], ["x", "y"])
+    assert row["x"] == 4.0 and row["x_std"] == pytest.approx(math.sqrt(8))  # std(2, 6), ddof 1; runs: 2.58
+    assert row["y"] is None and row["y_std"] is None
+
+
 def test_study_defaults_to_five_seeds():
     assert compare.parse([]).seeds == "0,1,2,3,4"  # the STAS protocol: 5 seeds per prompt
 
