@@ -7,6 +7,7 @@ import math
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+import torch
 
 from minivdit.pipeline import tiny_checkpoint
 from minivdit.metrics import FIDELITY_METRICS, TRANSITION_METRICS, fidelity, temporal_flickering
@@ -38,10 +39,22 @@ def frames(path):
     return np.stack(imageio.mimread(path))  # (T, H, W, 3) uint8
 
 
+def tiny_dino(folder):
+    """A randomly initialised ViTModel (DINO's class) with patch 16 and its image processor, saved in `folder`."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=16), add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
 def test_compare_end_to_end(ckpt, tmp_path, capsys):
     out = tmp_path / "cmp"
     rows = compare.main(["--ckpt", ckpt, "--methods", "dg,cfg+stas", "--stas-steps", "2", "--seeds", "3",
-                         "--out", str(out), "--vbench-export", str(tmp_path / "vb"), *SMALL])
+                         "--out", str(out), "--vbench-export", str(tmp_path / "vb"),
+                         "--dino", tiny_dino(tmp_path / "dino"), *SMALL])
     table = read_csv(out / "results.csv")
     assert [r["method"] for r in table] == ["cfg", "dg", "cfg+stas"]  # cfg added first as the baseline
     assert {r["method"]: int(r["passes_per_step"]) for r in table} == {"cfg": 2, "dg": 3, "cfg+stas": 2}
@@ -50,8 +63,8 @@ def test_compare_end_to_end(ckpt, tmp_path, capsys):
     for r, row in zip(table, rows):
         assert float(r["seconds_per_step"]) > 0
         assert float(r["overhead_vs_cfg"]) == pytest.approx(row["seconds_per_step"] / rows[0]["seconds_per_step"])
-        for key in ("pixel_cos", "pixel_cos_cross", "pixel_cos_within"):  # 5 frames = latent 0,1,1,1,1: both kinds
-            assert -1 <= float(r[key]) <= 1
+        for key in ("pixel_cos", "pixel_cos_cross", "pixel_cos_within", "dino_cross", "dino_within"):  # 5 frames =
+            assert -1 <= float(r[key]) <= 1  # latent frames 0,1,1,1,1: both kinds of transition
         for key in ("flicker", "flicker_cross", "flicker_within", "ssim_vs_cfg"):
             assert r[key] == "n/a" if (r["method"], key) == ("cfg", "ssim_vs_cfg") else 0 <= float(r[key]) <= 1
         for key in ("diff_energy", "warp_error", "flow_mag", "psnr_vs_cfg"):
@@ -70,7 +83,8 @@ def test_compare_end_to_end(ckpt, tmp_path, capsys):
 
     summary = read_csv(out / "summary.csv")
     assert [r["method"] for r in summary] == ["cfg", "dg", "cfg+stas"]
-    for col in compare.metric_columns():
+    assert "clip" not in summary[0] and "dino" in summary[0]
+    for col in compare.metric_columns(["dino"]):
         assert col in summary[0] and f"{col}_std" in summary[0]
     assert summary[1]["flicker_std"] == "n/a"  # one seed: no spread over seeds
     assert float(summary[1]["flicker"]) == pytest.approx(float(dg["flicker"]))
@@ -78,7 +92,7 @@ def test_compare_end_to_end(ckpt, tmp_path, capsys):
     assert "step 1 excluded (warm-up)" in md and "| dg | 3 |" in md and "## All runs" in md
     assert "| flicker | flicker (cross) | flicker (within) | diff_energy |" in md and "PSNR vs cfg" in md
     for name, (what, better) in {**TRANSITION_METRICS, **FIDELITY_METRICS}.items():  # the footnote, but for
-        assert (f"{what}; {better}." in md) == (name not in ("dino", "clip"))       # backbones not given
+        assert (f"{what}; {better}." in md) == (name != "clip")                       # a backbone not given
     assert (out / "transitions.png").stat().st_size > 10_000 and (out / "summary.png").stat().st_size > 10_000
 
     vb = tmp_path / "vb"
@@ -146,6 +160,15 @@ def test_unknown_method_fails_before_anything_is_read(tmp_path):
 def test_bad_parameters_fail_before_loading(ckpt, tmp_path, no_loading, args, match):
     with pytest.raises(ValueError, match=match):
         compare.main(["--ckpt", ckpt, "--out", str(tmp_path / "o"), *args, *SMALL])
+
+
+def test_missing_backbone_folder_fails_before_loading(ckpt, tmp_path, no_loading):
+    with pytest.raises(FileNotFoundError, match="--clip .*no such folder"):
+        compare.main(["--ckpt", ckpt, "--methods", "cfg", "--out", str(tmp_path / "o"), "--clip",
+                      str(tmp_path / "nope"), *SMALL])
+    with pytest.raises(ValueError, match="holds a 'vit' model; expected CLIP"):
+        compare.main(["--ckpt", ckpt, "--methods", "cfg", "--out", str(tmp_path / "o"), "--clip",
+                      tiny_dino(tmp_path / "d"), *SMALL])
 
 
 def test_refuses_to_overwrite(ckpt, tmp_path, no_loading, monkeypatch):
