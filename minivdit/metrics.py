@@ -8,8 +8,8 @@ latent frame to `stride` = 4 pixel frames (their temporal compression), so with 
 are j = 0, s, 2s, ... (STAS Sec. 4, Fig. 4, Table 2).
 
 References:
-  VBench (Huang et al., CVPR 2024), `vbench/temporal_flickering.py`: score = (255 - mean_t MAE(frame_t, frame_t+1)) / 255
-    on uint8 frames, MAE the mean absolute difference over all pixels and channels.
+  VBench (Huang et al., CVPR 2024), `vbench/temporal_flickering.py`: score = (255 - mean_t MAE(frame_t, frame_t+1))
+    / 255 on uint8 frames, MAE the mean absolute difference over all pixels and channels.
   Lai et al., "Learning Blind Video Temporal Consistency", ECCV 2018: warping error, the masked difference between a
     frame and its flow-warped neighbour; occlusion mask by forward-backward consistency (Sundaram et al. 2010, the
     criterion of Ruder et al. 2016).
