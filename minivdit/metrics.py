@@ -142,17 +142,17 @@ def warping_error(video, stride: int = 4, size: int | None = 416) -> dict:
     """Optical-flow warping error (Lai et al. 2018) and flow magnitude per transition.
 
     Frames are first resized (cv2.INTER_AREA) so that the longer side is at most `size` pixels (None: full size;
-    480x832 -> 240x416 at the default, which keeps the cost a few seconds per 81 frames). For each transition the
-    backward flow F_b = flow(frame_t+1 -> frame_t) and the forward flow F_f = flow(frame_t -> frame_t+1) are computed
-    with `dense_flow` (Farneback) on grayscale; frame t warped onto t+1 is W(p) = frame_t(p + F_b(p)). The error is
-    the mean |W(p) - frame_t+1(p)| over channels and valid pixels, frames in [0, 1] (so in [0, 1]; lower = changes
-    better explained by motion, less flicker). Valid: p + F_b(p) lies in the frame and F_b passes the forward-
-    backward check |F_b + F_f(p + F_b)|^2 <= 0.01 (|F_b|^2 + |F_f(p + F_b)|^2) + 0.5 (Sundaram et al. 2010, Ruder et
-    al. 2016; occluded pixels excluded). NaN if no pixel is valid.
+    480x832 -> 240x416 at the default: ~10 s per 81 frames on a busy 2-core CPU, ~50 s at full size). For each
+    transition the backward flow F_b = flow(frame_t+1 -> frame_t) and the forward flow F_f = flow(frame_t ->
+    frame_t+1) are computed with `dense_flow` (Farneback) on grayscale; frame t warped onto t+1 is
+    W(p) = frame_t(p + F_b(p)). The error is the mean |W(p) - frame_t+1(p)| over channels and valid pixels, frames in
+    [0, 1] (so in [0, 1]; lower = changes better explained by motion, less flicker). Valid: p + F_b(p) lies in the
+    frame and F_b passes the forward-backward check |F_b + F_f(p + F_b)|^2 <= 0.01 (|F_b|^2 + |F_f(p + F_b)|^2) + 0.5
+    (Sundaram et al. 2010, Ruder et al. 2016; occluded pixels excluded). NaN if no pixel is valid.
 
-    Returns {"warp_error": split dict, "flow_magnitude": split dict of the mean |F_f| in pixels of the full-size
-    video per frame (motion amount; no direction is better), "valid_fraction": [per transition], "size": (h, w)
-    the flow ran at}.
+    Returns {"warp_error": split dict, "flow_magnitude": split dict of the mean |F_f| over all pixels, in pixels of
+    the full-size video per frame (motion amount; no direction is better), "valid_fraction": [per transition],
+    "size": (h, w) the flow ran at}.
     """
     import cv2
 
