@@ -455,7 +455,8 @@ def export_vbench(dest: str | Path, videos: Sequence[dict], dimensions: Sequence
     "path" (an mp4)}. Writes DEST/<method>/<prompt>-<sample>.mp4 (VBench's naming: it reads the prompt from the file
     name, minus '-<sample>'), DEST/<method>/prompts.json ({file name: full prompt}, for --prompt_file, exact even when
     a long prompt or a '/' had to be cut from the file name), DEST/prompts.txt (the prompt list) and
-    DEST/run_vbench.sh (the commands). '*' in a method name becomes 'star'. Run the commands in a separate
+    DEST/run_vbench.sh (the commands: a bash loop per method over `dimensions`, one `vbench evaluate` call per
+    dimension, results in DEST/results/<method>). '*' in a method name becomes 'star'. Run them in a separate
     environment with vbench installed; it downloads its own scorers.
     """
     dest = Path(dest)
@@ -478,11 +479,12 @@ def export_vbench(dest: str | Path, videos: Sequence[dict], dimensions: Sequence
             atomic_write(folder / name, lambda tmp, src=v["path"]: shutil.copyfile(src, tmp))
             mapping[name] = v["prompt"]
         write_text(folder / "prompts.json", json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")
-        commands.append(" ".join(["vbench", "evaluate", "--mode=custom_input",
+        # one dimension per call: `vbench evaluate` takes --dimension as a single string
+        commands.append(" ".join([f"for d in {' '.join(dimensions)}; do vbench evaluate --mode=custom_input",
                                   "--videos_path", shlex.quote(str(folder.resolve())),
                                   "--prompt_file", shlex.quote(str((folder / "prompts.json").resolve())),
                                   "--output_path", shlex.quote(str((dest / "results" / folder.name).resolve())),
-                                  "--dimension", *dimensions]))
+                                  '--dimension "$d"; done']))
     write_text(dest / "prompts.txt", "".join(p.replace("\n", " ") + "\n" for p in prompts))
     write_text(dest / "run_vbench.sh", "#!/usr/bin/env bash\n# Run in an environment with vbench installed "
                "(pip install vbench; it pins its own transformers and downloads its scorers).\nset -e\n"

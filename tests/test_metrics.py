@@ -3,12 +3,14 @@ a known per-frame shift recovered by the flow, a copy of the baseline, the cross
 boundaries of a VAE of stride 4 or 2; DINO / CLIP loading on tiny random models written here; plots; VBench export."""
 import json
 import math
+import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from minivdit.metrics import (cross_chunk, dense_flow, export_vbench, fidelity, frame_consistency,
+from minivdit.metrics import (VBENCH_DIMENSIONS, cross_chunk, dense_flow, export_vbench, fidelity, frame_consistency,
                               frame_difference_energy, latent_frame, load_backbone, mean_std, plot_summary,
                               plot_transitions, split, temporal_flickering, transition_columns, video_metrics,
                               warping_error)
@@ -321,8 +323,19 @@ def test_export_vbench(tmp_path):
         k, i = (0 if prompt == "a red ball rolls" else 1), int(name[-5])
         assert (dest / "cfg-zerostar" / name).read_bytes() == f"cfg-zero* {k} {i}".encode()
     assert (dest / "prompts.txt").read_text().splitlines() == ["a red ball rolls", long]
-    assert len(commands) == 2 and all("--mode=custom_input" in c and "temporal_flickering" in c for c in commands)
+    assert len(commands) == 2 and all("vbench evaluate --mode=custom_input" in c and "temporal_flickering" in c
+                                      and '--dimension "$d"; done' in c for c in commands)
     assert f"--videos_path {dest.resolve() / 'cfg'} " in commands[0]
     assert "--prompt_file" in commands[0] and commands[1] in (dest / "run_vbench.sh").read_text()
+    # the script is valid bash and calls `vbench evaluate` once per dimension (a stand-in vbench echoes its arguments)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "vbench").write_text('#!/bin/sh\necho "$@"\n')
+    (fake / "vbench").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    calls = subprocess.run(["bash", str(dest / "run_vbench.sh")], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert len(calls) == 2 * len(VBENCH_DIMENSIONS) and calls[2].endswith("--dimension temporal_flickering")
+    assert calls[0].startswith(f"evaluate --mode=custom_input --videos_path {dest.resolve() / 'cfg'} --prompt_file")
     with pytest.raises(FileExistsError, match="--vbench-export"):
         export_vbench(dest, videos)
