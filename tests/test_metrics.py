@@ -128,6 +128,12 @@ def test_flow_recovers_a_known_shift():
     assert all(0.8 < v < 0.985 for v in w["valid_fraction"])
 
 
+def test_threads_give_the_loop_results():
+    video, ref = shifted_video(6, 32, 40, 1, 1), shifted_video(6, 32, 40, 1, 1, seed=1)
+    assert warping_error(video, size=None, workers=1) == warping_error(video, size=None, workers=3)
+    assert fidelity(video, ref, workers=1) == fidelity(video, ref, workers=3)
+
+
 def test_flow_at_reduced_size_reports_full_size_pixels():
     dx, dy = 4, 2
     video = shifted_video(3, 96, 128, dx, dy)
