@@ -1,4 +1,5 @@
-"""Writing results: mp4 through imageio-ffmpeg, labelled side-by-side grids, JSON sidecars; all written atomically.
+"""Writing results: mp4 through imageio-ffmpeg, labelled side-by-side grids, JSON sidecars, PNG figures; all written
+atomically.
 
 Nothing is lost: an existing output is refused unless `overwrite=True`, and every file is written under a temporary
 name in the same folder and renamed into place, so an interrupted run never leaves a half-written output.
@@ -63,6 +64,23 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file (a table, a report), atomically."""
     path = Path(path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def write_figure(path: str | os.PathLike, draw, figsize: tuple[float, float] = (9, 3.6), dpi: int = 110) -> Path:
+    """Draw a matplotlib figure (Agg) with draw(fig) and save it as a PNG, atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig = plt.figure(figsize=figsize)
+    try:
+        draw(fig)
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    finally:
+        plt.close(fig)
     return path
 
 
