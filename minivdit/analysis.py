@@ -260,11 +260,14 @@ def plot_positional(report: dict, block: int, path) -> Path:
 
 def write_plots(stats: MAStats, report: dict, out: str | Path, step: int | None = None,
                 block: int | None = None) -> list[Path]:
-    """The three figures as PNGs in `out` at one (step, block) (default: step min(5, steps - 1) as in STAS B.2 and
-    the middle recorded block)."""
+    """The three figures as PNGs in `out` at one (step, block) (default: the captured step nearest to
+    min(5, steps - 1), as in STAS B.2 -- an A14B expert captures only its own steps -- and the middle recorded
+    block)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    step = min(5, stats.steps - 1) if step is None else step
+    if step is None:
+        done = torch.nonzero((stats.rows > 0).any(dim=1)).flatten().tolist()
+        step = min(done, key=lambda s: abs(s - min(5, stats.steps - 1)))
     block = stats.blocks[len(stats.blocks) // 2] if block is None else block
     return [plot_token_profile(stats, step, block, out / f"token_profile_b{block}_s{step}.png"),
             plot_channel_peaks(stats, report, step, block, out / f"channel_peaks_b{block}_s{step}.png"),

@@ -25,6 +25,7 @@ def parse(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     for name in ("frames", "height", "width", "steps"):
         p.add_argument(f"--{name}", type=int, default=None, help="default: the preset's")
+    p.add_argument("--shift", type=float, default=None, help="flow shift; default: the preset's")
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks to record (0-based; default all)")
     p.add_argument("--p", type=float, default=8.0, help="boundary width in percent of a frame per side")
     p.add_argument("--a1", default=None, help="STAS App. A.1-order slots 'step:block,...' (0-based; mean |h| over "
@@ -53,7 +54,7 @@ def main(argv=None):
     d, c = pipe.preset, pipe.model.config
     pick = lambda v, default: default if v is None else v
     runs = [SampleConfig.from_preset(d, t, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
-                                     seed=args.seed + k) for k, t in enumerate(prompts)]
+                                     shift=args.shift, seed=args.seed + k) for k, t in enumerate(prompts)]
     runs[0].check()
     blocks = pick(args.blocks, list(range(c.num_layers)))
     if any(not 0 <= b < c.num_layers for b in blocks):
@@ -62,31 +63,42 @@ def main(argv=None):
         a1 = [(5, 15)] if runs[0].steps > 5 and 15 in blocks else []
     else:
         a1 = [] if args.a1 == "none" else [tuple(int(v) for v in pair.split(":")) for pair in args.a1.split(",")]
-    stats = MAStats(pipe.model.layout(runs[0].latent_shape(c.out_dim, d.vae_stride)), c.dim, blocks, runs[0].steps, p=args.p,
-                    a1_slots=a1)
-    guidance = Guidance(method="cfg", guidance_scale=d.guidance_scale, capture=stats)
+    layout = pipe.model.layout(runs[0].latent_shape(c.out_dim, d.vae_stride))
+    names = [e.name for e in d.experts] or [""]  # A14B: one set of statistics per expert (MA channels are per network)
+    stats = {n: MAStats(layout, c.dim, blocks, runs[0].steps, p=args.p, a1_slots=a1) for n in names}
+    guidance = {e.name: Guidance(method="cfg", guidance_scale=e.guidance_scale, capture=stats[e.name])
+                for e in d.experts} or Guidance(method="cfg", guidance_scale=d.guidance_scale, capture=stats[""])
     for k, run in enumerate(runs):
         print(f"[{k + 1}/{len(runs)}] {run.prompt[:70]}")
-        pipe.sample(run, guidance, callback=stats.next_step)
+        pipe.sample(run, guidance, callback=lambda info: [s.next_step(info) for s in stats.values()])
 
-    report = stats.report()
-    report["run"] = {"checkpoint": pipe.info["checkpoint"], "preset": pipe.info["preset"], "prompts": prompts,
-                     "frames": runs[0].frames, "height": runs[0].height, "width": runs[0].width,
-                     "steps": runs[0].steps, "seed": args.seed, "guidance_scale": d.guidance_scale}
-    out.mkdir(parents=True, exist_ok=True)
-    pngs = write_plots(stats, report, out, args.plot_step, args.plot_block)
+    reports = {}
+    for name, st in stats.items():
+        if not bool((st.rows > 0).any()):
+            print(f"expert {name!r} ran no step of this grid: no statistics")
+            continue
+        report = reports[name] = st.report()
+        report["run"] = {"checkpoint": pipe.info["checkpoint"], "preset": pipe.info["preset"], "prompts": prompts,
+                         "frames": runs[0].frames, "height": runs[0].height, "width": runs[0].width,
+                         "steps": runs[0].steps, "seed": args.seed, "expert": name or None}
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        pngs = write_plots(st, report, folder, args.plot_step, args.plot_block)
+        print(f"{'expert ' + name + ': ' if name else ''}{len(pngs)} plots in {folder}")
+        for slot in report["a1"]:
+            print(f"A.1 (step {slot['step']}, block {slot['block']}, {slot['prompts']} prompts): " + "; ".join(
+                f"{kind} {e['dim']}: max {e['peak']:.4g}, peak/mean {e['peak_to_mean']:.3g}, peak/median "
+                f"{e['peak_to_median']:.3g}" for kind in ("ma", "weak_ma") for e in slot[kind]) or "no MA / weak-MA")
+        steer = f" --steer-experts {name}" if name else ""
+        if report["ma_channels"]:
+            print(f"MA channels (peak > {report['protocol']['ratio']:g}x mean peak): {report['ma_channels']}")
+            print(f"STAS: {report['stas_flags']}{steer}\nDG:   {report['dg_flags']}{steer}")
+        else:
+            print(f"no MA channel (peak > {report['protocol']['ratio']:g}x mean peak) found; the strongest channel is "
+                  f"{report['lead_dim']} (see report.json)")
+    report = reports[""] if names == [""] else {"experts": reports}
     write_json(out / "report.json", report)
-    print(f"wrote {out / 'report.json'} and {len(pngs)} plots in {out}")
-    for slot in report["a1"]:
-        print(f"A.1 (step {slot['step']}, block {slot['block']}, {slot['prompts']} prompts): " + "; ".join(
-            f"{kind} {e['dim']}: max {e['peak']:.4g}, peak/mean {e['peak_to_mean']:.3g}, peak/median "
-            f"{e['peak_to_median']:.3g}" for kind in ("ma", "weak_ma") for e in slot[kind]) or "no MA / weak-MA")
-    if report["ma_channels"]:
-        print(f"MA channels (peak > {report['protocol']['ratio']:g}x mean peak): {report['ma_channels']}")
-        print(f"STAS: {report['stas_flags']}\nDG:   {report['dg_flags']}")
-    else:
-        print(f"no MA channel (peak > {report['protocol']['ratio']:g}x mean peak) found; the strongest channel is "
-              f"{report['lead_dim']} (see report.json)")
+    print(f"wrote {out / 'report.json'}")
     return report
 
 

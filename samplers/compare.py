@@ -29,15 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from minivdit.guidance import METHODS, OPTIONS, from_preset, uses  # noqa: E402
+from minivdit.guidance import METHODS, OPTIONS, uses  # noqa: E402
 from minivdit.metrics import (BACKBONES, FIDELITY_METRICS, TRANSITION_METRICS, export_vbench,  # noqa: E402
                               load_backbone, mean_std, plot_summary, plot_transitions, transition_columns,
                               video_metrics)
-from minivdit.pipeline import (DTYPES, SOLVERS, SampleConfig, WanPipeline, encode_prompts,  # noqa: E402
-                               find_checkpoint, noise, sidecar, tiny_checkpoint)
+from minivdit.pipeline import (DTYPES, SOLVERS, SampleConfig, WanPipeline, check_vae, detect_preset,  # noqa: E402
+                               encode_prompts, find_checkpoint, guidance_for, noise, sidecar, tiny_checkpoint)
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
-from minivdit.wan import PRESETS, open_wan  # noqa: E402
+from minivdit.wan import PRESETS  # noqa: E402
 from samplers.t2v import add_guidance_args  # noqa: E402
 
 KEYS = ("method", "prompt", "seed")
@@ -188,21 +188,24 @@ def main(argv=None):
         raise ValueError(f"--seeds {args.seeds}: give each seed once")
     ckpt = args.ckpt or tiny_checkpoint()
     found = find_checkpoint(ckpt)  # cheap checks first
-    _, _, preset, _ = open_wan(found["transformer"], args.preset)
+    preset = detect_preset(found, args.preset)  # from the DiT headers (A14B: both experts)
     d, c = PRESETS[preset], PRESETS[preset].config
     run = SampleConfig.from_preset(d, "", negative_prompt=args.negative_prompt, frames=args.frames,
                                    height=args.height, width=args.width, steps=args.steps, shift=args.shift,
                                    solver=args.solver, fps=args.fps)
-    run.check()
+    run.check(d.vae_stride[1] * c.patch_size[1])
+    check_vae(found, preset)
     given = [name for name, *_ in OPTIONS if getattr(args, name) is not None]
     unused = [n for n in given if all(options_for(m, args).get(n) is None for m in labels)]
     if unused:
         raise ValueError(f"{['--' + n.replace('_', '-') for n in unused]} given, but no method in --methods uses "
                          f"{'it' if len(unused) == 1 else 'them'} (see --help: each option names its method)")
-    guidances = {m: from_preset(d, m.partition("+")[0], stas=m.endswith("+stas"), guidance_scale=args.guidance_scale,
-                                **options_for(m, args)) for m in labels}
+    guidances = {m: guidance_for(d, m.partition("+")[0], stas=m.endswith("+stas"), guidance_scale=args.guidance_scale,
+                                 **options_for(m, args)) for m in labels}  # A14B: one Guidance per expert
+    experts = lambda g: g.values() if isinstance(g, dict) else [g]  # noqa: E731
     for g in guidances.values():
-        g.check(run.steps, c.num_layers, c.dim)
+        for e in experts(g):
+            e.check(run.steps, c.num_layers, c.dim)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
@@ -222,7 +225,7 @@ def main(argv=None):
         context = torch.stack([contexts[k], contexts[-1]])  # (2, 512, text_dim): [cond, uncond], shared by methods
         for sample, seed in enumerate(seeds):
             r = replace(run, prompt=prompt, seed=seed)
-            x = noise(r.latent_shape(c.in_dim), seed)  # the same initial noise for every method
+            x = noise(r.latent_shape(c.out_dim, d.vae_stride), seed)  # the same initial noise for every method
             folder, videos, runs = out / f"p{k}_s{seed}", {}, []
             for m, g in guidances.items():
                 stamps = [time.perf_counter()]
@@ -233,7 +236,7 @@ def main(argv=None):
                 path = write_mp4(folder / f"{m.replace('*', 'star')}.mp4", videos[m], r.fps, args.overwrite)
                 runs.append((m, g, path, stamps[-1] - stamps[0]))
                 rows.append({"method": m, "prompt": prompt, "seed": seed, "sample": sample, "video": path,
-                             "passes_per_step": g.passes_per_step(), "seconds_per_step": float(per_step.mean()),
+                             "passes_per_step": next(iter(experts(g))).passes_per_step(), "seconds_per_step": float(per_step.mean()),
                              "overhead_vs_cfg": None})
             write_mp4(folder / "grid.mp4", grid(list(videos.values()), list(guidances)), r.fps, args.overwrite)
             base = next(row for row in rows[-len(labels):] if row["method"] == "cfg")["seconds_per_step"]

@@ -219,3 +219,28 @@ def test_a1_order_averages_over_prompts_before_the_token_max():
     assert a1["top"][0]["peak"] == pytest.approx(70.0) and a1["top"][1]["peak"] == pytest.approx(50.25)  # (100 + 0.5) / 2
     with pytest.raises(ValueError, match="A.1 slot"):
         MAStats(layout, 4, blocks=[0], steps=2, a1_slots=[(5, 15)])
+
+
+@pytest.mark.parametrize("preset", ["wan2.2-ti2v-tiny", "wan2.2-t2v-a14b-tiny"])
+def test_analyze_script_on_wan22(tmp_path, capsys, preset):
+    """TI2V (48-channel latents, stride 32): one report; A14B: one report per expert, each expert's statistics only
+    from the steps it ran (4 steps at shift 5: the switch falls inside the run)."""
+    import sys
+    from pathlib import Path
+
+    from minivdit.pipeline import tiny_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "samplers"))
+    import analyze
+
+    ckpt = tiny_checkpoint(tmp_path / preset, preset=preset)
+    report = analyze.main(["--ckpt", str(ckpt), "--steps", "4", "--shift", "5", "--frames", "5", "--height", "64",
+                           "--width", "64", "--blocks", "1", "2", "--out", str(tmp_path / "ma")])
+    if preset.startswith("wan2.2-ti2v"):
+        assert report["protocol"]["dim"] == 64 and report["protocol"]["tokens"] == 2 * 2 * 2
+        return
+    assert sorted(report["experts"]) == ["high", "low"]
+    steps = {name: sorted({s["step"] for s in r["slots"]}) for name, r in report["experts"].items()}
+    assert steps["high"] and steps["low"] and max(steps["high"]) < min(steps["low"])  # high first, then low
+    assert sorted(steps["high"] + steps["low"]) == [0, 1, 2, 3]
+    assert all(report["experts"][n]["run"]["expert"] == n and (tmp_path / "ma" / n).is_dir() for n in steps)

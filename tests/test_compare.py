@@ -183,3 +183,14 @@ def test_refuses_to_overwrite(ckpt, tmp_path, no_loading, monkeypatch):
     table = read_csv(out / "results.csv")
     assert [r["method"] for r in table] == ["cfg"] and float(table[0]["seconds_per_step"]) > 0
     assert "no warm-up step to exclude" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("preset", ["wan2.2-ti2v-tiny", "wan2.2-t2v-a14b-tiny"])
+def test_compare_runs_wan22(tmp_path, preset):
+    """TI2V (48-channel latents, stride 32) and A14B (one Guidance per expert) through the comparison runner."""
+    ckpt = tiny_checkpoint(tmp_path / preset, preset=preset)
+    rows = compare.main(["--ckpt", str(ckpt), "--methods", "cfg,stg", "--seeds", "0", "--steps", "2", "--frames", "5",
+                         "--height", "64", "--width", "64", "--out", str(tmp_path / "o")])
+    assert [r["method"] for r in rows] == ["cfg", "stg"] and rows[1]["passes_per_step"] == 3
+    meta = json.loads((tmp_path / "o" / "p0_s0" / "stg.json").read_text())
+    assert meta["preset"] == preset and (meta["height"], meta["width"]) == (64, 64)
