@@ -1,9 +1,10 @@
-"""Peak memory of Wan2.1 VAE decoding: minivdit's streaming decode against diffusers AutoencoderKLWan.
+"""Peak memory of VAE decoding: minivdit's streaming decode against diffusers (Wan2.1 or CogVideoX).
 
-    python bench/vae_memory.py                      # latent 16x16 (128x128 pixels), 5 and 21 latent frames
+    python bench/vae_memory.py                      # Wan2.1, latent 16x16 (128x128 pixels), 5 and 21 latent frames
     python bench/vae_memory.py --size 8 --frames 5 21 41
+    python bench/vae_memory.py --family cogvideox   # CogVideoX (215.6 M), latent 8x8 (64x64), 3 and 13 latent frames
 
-Real config (dim 96, 126.9 M params, random weights, float32, CPU). Each measurement runs in a fresh
+Real config (Wan2.1: dim 96, 126.9 M params; CogVideoX: 215.6 M params, 2B scaling), random weights, float32, CPU. Each measurement runs in a fresh
 subprocess that builds the model, makes a seeded latent, decodes it once and reports its peak resident set
 size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) and its resident size just before decoding (`base`:
 interpreter, torch and the 508 MB of weights). "peak - out" subtracts the output video; "decode extra" =
@@ -12,6 +13,7 @@ number of frames grows.
 """
 import argparse
 import json
+import platform
 import resource
 import subprocess
 import sys
@@ -25,13 +27,46 @@ ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
 
 
-def child(impl: str, latent_frames: int, size: int) -> dict:
+def cogvideox_decoder(impl: str):
+    """The CogVideoX decode as each implementation's pipeline calls it, on a scaled latent."""
+    from minivdit.cogvideox_vae import CogVideoXVAE
+
+    if impl == "minivdit":
+        return CogVideoXVAE().eval().decode
+    from diffusers import AutoencoderKLCogVideoX
+
+    ref = AutoencoderKLCogVideoX().eval()
+
+    def decode(z):
+        with torch.no_grad():
+            return ref.decode(1 / ref.config.scaling_factor * z).sample  # pipeline_cogvideox `decode_latents`
+    return decode
+
+
+def cpu_info() -> str:
+    """CPU model, the SIMD flags that matter for torch, torch's kernel capability and thread count."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), model)
+        flags = next((set(ln.split(":", 1)[1].split()) for ln in info if ln.startswith("flags")), flags)
+    except OSError:
+        pass
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+            if f in flags]
+    return (f"CPU: {model}; flags: {' '.join(simd) or 'n/a'}; torch {torch.__version__} capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+
+
+def child(impl: str, latent_frames: int, size: int, family: str = "wan") -> dict:
     """Build one VAE, decode one latent, return memory numbers in MB (runs in its own process)."""
     sys.path.insert(0, str(ROOT))
     from minivdit.wan_vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE
 
     torch.manual_seed(0)
-    if impl == "minivdit":
+    if family == "cogvideox":
+        decode = cogvideox_decoder(impl)
+    elif impl == "minivdit":
         decode = WanVAE().eval().decode
     else:
         from diffusers import AutoencoderKLWan
@@ -56,25 +91,32 @@ def child(impl: str, latent_frames: int, size: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=16, help="latent height = width (pixels: 8x)")
-    p.add_argument("--frames", type=int, nargs="+", default=[5, 21], help="latent frame counts")
+    p.add_argument("--family", default="wan", choices=["wan", "cogvideox"], help="which VAE")
+    p.add_argument("--size", type=int, default=None, help="latent height = width (pixels: 8x); wan 16, cogvideox 8")
+    p.add_argument("--frames", type=int, nargs="+", default=None,
+                   help="latent frame counts; wan 5 21, cogvideox 3 13")
     p.add_argument("--impl", nargs="+", default=["minivdit", "diffusers"], choices=["minivdit", "diffusers"])
-    p.add_argument("--child", nargs=3, metavar=("IMPL", "FRAMES", "SIZE"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, metavar=("IMPL", "FRAMES", "SIZE", "FAMILY"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]))))
+        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])))
         return
+    cog = args.family == "cogvideox"
+    args.size = args.size or (8 if cog else 16)
+    args.frames = args.frames or ([3, 13] if cog else [5, 21])
 
     rows = []
     for impl in args.impl:
         for f in args.frames:
-            cmd = [sys.executable, __file__, "--child", impl, str(f), str(args.size)]
+            cmd = [sys.executable, __file__, "--child", impl, str(f), str(args.size), args.family]
             rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
             r = rows[-1]
             print(f"  done {impl} {f} latent frames in {r['seconds']:.1f} s", file=sys.stderr)
 
     px = 8 * args.size
-    print(f"Wan2.1 VAE decode, real config, float32, latent {args.size}x{args.size} -> {px}x{px} pixels")
+    name = "CogVideoX VAE (diffusers frame batches, 2 latents)" if cog else "Wan2.1 VAE"
+    print(cpu_info())
+    print(f"{name} decode, real config, float32, latent {args.size}x{args.size} -> {px}x{px} pixels")
     print(f"{'impl':<10} {'lat T':>5} {'out T':>5} {'base MB':>8} {'peak MB':>8} {'out MB':>7} "
           f"{'peak-out':>9} {'decode extra':>12} {'seconds':>8}")
     for r in rows:
