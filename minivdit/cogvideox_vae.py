@@ -44,6 +44,16 @@ DECODE_LATENT_BATCH = 2  # diffusers `num_latent_frames_batch_size`
 
 
 @dataclass(frozen=True)
+class Tiling:
+    """Spatial tiling of the decode, diffusers `enable_tiling()` defaults (what CogVideo's `cli_demo` turns on):
+    tiles of `tile` = (H, W) pixels (sample_height // 2, sample_width // 2 of the VAE config: 240 x 360), started
+    every (1 - overlap) of a tile, blended linearly over overlap * tile pixels. Changes the output (each tile has its
+    own GroupNorm statistics); off unless asked for."""
+    tile: tuple[int, int] = (240, 360)
+    overlap: tuple[float, float] = (1 / 6, 1 / 5)
+
+
+@dataclass(frozen=True)
 class CogVideoXVAEConfig:
     """Architecture and latent scaling; field names and defaults are diffusers' `AutoencoderKLCogVideoX` config
     (CogVideoX-2B values; 5B and 1.5 use scaling_factor 0.7, 1.5 also invert_scale_latents=True)."""
@@ -314,33 +324,50 @@ class CogVideoXVAE(nn.Module):
         scale = 1 / self.scaling_factor if image_condition and self.config.invert_scale_latents else self.scaling_factor
         return scale * mean
 
-    def decode_frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_frames(self, latent: torch.Tensor, tiling: Tiling | None = None) -> Iterator[torch.Tensor]:
         """Scaled latent (B, 16, T_lat, h, w) -> an iterator of pixel chunks (B, 3, t, 8h, 8w), not clamped
         (diffusers' range, about [-1, 1]): one chunk per diffusers latent batch, so t = 9 (or 1 for T_lat = 1) for
         the first and 8 for each later one. Only one batch of decoder activations and the 2-frame conv caches are
-        alive at a time. Input checks run at once, not at the first `next`."""
+        alive at a time. `tiling`: decode in overlapping H x W tiles as diffusers' `tiled_decode` does (when the
+        latent is larger than one tile), still streaming in time. Input checks run at once, not at the first `next`."""
         _, c, _, _, _ = _shape5(latent, "latent")
         if c != self.z_dim:
             raise ValueError(f"latent must have {self.z_dim} channels in dim 1, shaped (B, {self.z_dim}, T, h, w); "
                              f"got {tuple(latent.shape)}")
-        return self._decode_frames(latent)
+        if tiling is not None:
+            for n, o in zip(tiling.tile, tiling.overlap):  # tiles must abut after cropping, or the size changes
+                if n % self.space_factor or int(n // self.space_factor * (1 - o)) * self.space_factor != n - int(n * o):
+                    raise ValueError(f"tiling {tiling}: a {n}-pixel tile with overlap {o:.4g} does not tile evenly "
+                                     f"(tile a multiple of {self.space_factor}, (1 - overlap) * tile in whole latents)")
+        return self._decode_frames(latent, tiling)
 
     @torch.no_grad()
-    def _decode_frames(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Generator behind `decode_frames` (diffusers `AutoencoderKLCogVideoX._decode`, 2-latent-frame batches)."""
+    def _decode_frames(self, latent: torch.Tensor, tiling: Tiling | None) -> Iterator[torch.Tensor]:
+        """Generator behind `decode_frames` (diffusers `AutoencoderKLCogVideoX._decode` / `tiled_decode`)."""
         z = (1 / self.scaling_factor) * latent.to(self.dtype)  # as the pipelines write it (`1 / sf * latents`)
-        cache: Cache = {}
+        h, w = z.shape[3:]
+        if tiling is not None:  # tile size in latent pixels, as diffusers rounds it
+            th, tw = int(tiling.tile[0] / self.space_factor), int(tiling.tile[1] / self.space_factor)
+        if tiling is None or (h <= th and w <= tw):
+            cache: Cache = {}
+            for s in frame_batches(z.shape[2], DECODE_LATENT_BATCH):
+                yield self.decoder(z[:, :, s], cache)
+            return
+        (oh, ow), (ph, pw) = tiling.overlap, tiling.tile
+        rows, cols = range(0, h, int(th * (1 - oh))), range(0, w, int(tw * (1 - ow)))
+        caches = {(i, j): {} for i in rows for j in cols}  # each tile streams through time with its own conv cache
         for s in frame_batches(z.shape[2], DECODE_LATENT_BATCH):
-            yield self.decoder(z[:, :, s], cache)
+            tiles = [[self.decoder(z[:, :, s, i : i + th, j : j + tw], caches[i, j]) for j in cols] for i in rows]
+            yield _blend_tiles(tiles, int(ph * oh), int(pw * ow), ph - int(ph * oh), pw - int(pw * ow))
 
     def num_frames(self, latent_frames: int) -> int:
         """Frames decoded from `latent_frames`: 1 + 4(T_lat - 1) for odd T_lat, 4 T_lat for even (models.md pitfall 17)."""
         return 1 + self.time_factor * (latent_frames - 1) if latent_frames % 2 else self.time_factor * latent_frames
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
         """Scaled latent (B, 16, T_lat, h, w) -> video (B, 3, num_frames(T_lat), 8h, 8w), not clamped.
         Streams through `decode_frames` into one preallocated output tensor."""
-        frames = self.decode_frames(latent)
+        frames = self.decode_frames(latent, tiling)
         b, _, t, h, w = latent.shape
         out = torch.empty(b, 3, self.num_frames(t), h * self.space_factor, w * self.space_factor, dtype=self.dtype,
                           device=latent.device)
@@ -349,6 +376,29 @@ class CogVideoXVAE(nn.Module):
             out[:, :, i : i + chunk.shape[2]] = chunk
             i += chunk.shape[2]
         return out
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
+    """Fade b's first `extent` rows along `dim` in from a's last ones, linearly, in place (diffusers blend_v/h)."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    for y in range(extent):
+        b.select(dim, y).copy_(a.select(dim, y - extent) * (1 - y / extent) + b.select(dim, y) * (y / extent))
+    return b
+
+
+def _blend_tiles(tiles: list[list[torch.Tensor]], blend_h: int, blend_w: int, keep_h: int, keep_w: int) -> torch.Tensor:
+    """Decoded tiles (rows of (B, 3, t, H_tile, W_tile)) -> one (B, 3, t, H, W) chunk, as diffusers' tiled_decode:
+    each tile, in order, is blended in place with its upper and then its left neighbour (already blended), then
+    cropped to keep_h x keep_w."""
+    out_rows = []
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            if i > 0:
+                _blend(tiles[i - 1][j], tile, blend_h, dim=3)
+            if j > 0:
+                _blend(row[j - 1], tile, blend_w, dim=4)
+        out_rows.append(torch.cat([tile[:, :, :, :keep_h, :keep_w] for tile in row], dim=4))
+    return torch.cat(out_rows, dim=3)
 
 
 def _shape5(x: torch.Tensor, name: str) -> tuple[int, ...]:

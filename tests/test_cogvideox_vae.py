@@ -8,7 +8,7 @@ from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan
 from safetensors.torch import save_file
 
 from minivdit.checkpoints import CheckpointError
-from minivdit.cogvideox_vae import (CogVideoXVAE, CogVideoXVAEConfig, config_dict, frame_batches,
+from minivdit.cogvideox_vae import (CogVideoXVAE, CogVideoXVAEConfig, Tiling, config_dict, frame_batches,
                                     load_cogvideox_vae)
 
 TOL = 1e-5  # max|ours - ref| <= TOL * max|ref|
@@ -109,6 +109,31 @@ def test_streaming_matches_full_decode(tiny):
         assert [c.shape[2] for c in chunks] == sizes
         assert all(c.shape == (1, 3, c.shape[2], 16, 24) for c in chunks)
         assert torch.equal(torch.cat(chunks, dim=2), vae.decode(latent))
+
+
+def test_tiled_decode_matches_diffusers(tiny):
+    """Optional H x W tiling = diffusers enable_tiling() + tiled_decode (tiles 48 x 40 px, overlaps 1/6, 1/5, as the
+    240 x 360 defaults scaled down): 3 x ... tiles with partial last ones, two time batches, streamed."""
+    ref, d = tiny
+    vae = load_cogvideox_vae(d / "vae")
+    tiling = Tiling(tile=(48, 40), overlap=(1 / 6, 1 / 5))
+    torch.manual_seed(6)
+    latent = torch.randn(1, 16, 5, 8, 9)
+    ref.enable_tiling(tile_sample_min_height=48, tile_sample_min_width=40, tile_overlap_factor_height=1 / 6,
+                      tile_overlap_factor_width=1 / 5)
+    try:
+        x_ref = ref_decode(ref, latent)
+    finally:
+        ref.disable_tiling()
+    x = vae.decode(latent, tiling=tiling)
+    assert x.shape == x_ref.shape == (1, 3, 17, 64, 72)
+    print(f"\ntiled decode rel err {rel_err(x, x_ref):.2e}")
+    assert rel_err(x, x_ref) <= TOL, rel_err(x, x_ref)
+    assert rel_err(x, vae.decode(latent)) > 1e-3  # tiling changes the result (per-tile GroupNorm statistics)
+    small = torch.randn(1, 16, 3, 6, 5)  # one tile: the plain decode
+    assert torch.equal(vae.decode(small, tiling=tiling), vae.decode(small))
+    with pytest.raises(ValueError, match="does not tile evenly"):
+        vae.decode_frames(latent, tiling=Tiling(tile=(32, 48)))
 
 
 def test_scaling_and_invert_scale_latents(tmp_path):
