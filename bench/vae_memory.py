@@ -3,6 +3,7 @@
     python bench/vae_memory.py                      # Wan2.1, latent 16x16 (128x128 pixels), 5 and 21 latent frames
     python bench/vae_memory.py --size 8 --frames 5 21 41
     python bench/vae_memory.py --family cogvideox   # CogVideoX (215.6 M), latent 8x8 (64x64), 3 and 13 latent frames
+    python bench/vae_memory.py --family cogvideox --mmap-threshold 1048576   # peak RSS = live memory (see --help)
 
 Real config (Wan2.1: dim 96, 126.9 M params; CogVideoX: 215.6 M params, 2B scaling), random weights, float32, CPU. Each measurement runs in a fresh
 subprocess that builds the model, makes a seeded latent, decodes it once and reports its peak resident set
@@ -13,6 +14,7 @@ number of frames grows.
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -96,6 +98,9 @@ def main():
     p.add_argument("--frames", type=int, nargs="+", default=None,
                    help="latent frame counts; wan 5 21, cogvideox 3 13")
     p.add_argument("--impl", nargs="+", default=["minivdit", "diffusers"], choices=["minivdit", "diffusers"])
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="set MALLOC_MMAP_THRESHOLD_ in the children (e.g. 1048576): glibc then returns every freed "
+                        "large buffer to the OS, so peak RSS measures live memory, not heap fragmentation")
     p.add_argument("--child", nargs=4, metavar=("IMPL", "FRAMES", "SIZE", "FAMILY"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -109,14 +114,16 @@ def main():
     for impl in args.impl:
         for f in args.frames:
             cmd = [sys.executable, __file__, "--child", impl, str(f), str(args.size), args.family]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+            env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {}))
+            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout))
             r = rows[-1]
             print(f"  done {impl} {f} latent frames in {r['seconds']:.1f} s", file=sys.stderr)
 
     px = 8 * args.size
     name = "CogVideoX VAE (diffusers frame batches, 2 latents)" if cog else "Wan2.1 VAE"
     print(cpu_info())
-    print(f"{name} decode, real config, float32, latent {args.size}x{args.size} -> {px}x{px} pixels")
+    print(f"{name} decode, real config, float32, latent {args.size}x{args.size} -> {px}x{px} pixels"
+          + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""))
     print(f"{'impl':<10} {'lat T':>5} {'out T':>5} {'base MB':>8} {'peak MB':>8} {'out MB':>7} "
           f"{'peak-out':>9} {'decode extra':>12} {'seconds':>8}")
     for r in rows:
