@@ -313,7 +313,8 @@ def _half_log_snr(a: float) -> float:
 
 @torch.no_grad()
 def sample_dpm_vpred(denoise: VDenoise, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
-                     generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, callback: Callback | None = None,
+                     frames_first: bool = False) -> torch.Tensor:
     """Stochastic SDE-DPM-Solver++(2M) for v-prediction (CogVideoXDPMScheduler.step as pipeline_cogvideox steps it,
     = SAT VPSDEDPMPP2MSampler). With h = lambda_prev - lambda_t:
     x_prev = A x - B D + s eps, A = sqrt((1 - a_prev) / (1 - a_t)) e^-h, B = expm1(-2h) sqrt(a_prev),
@@ -327,11 +328,17 @@ def sample_dpm_vpred(denoise: VDenoise, x: torch.Tensor, timesteps: torch.Tensor
     Noise: `torch.randn(x.shape, generator=generator, dtype=float32)` on the generator's device (CPU when None: the
     global RNG), then moved to x's device. Draws per step, as diffusers: 1 at step 0; 2 at each middle step (the
     first is discarded); 1 at the last step (unused). Pass the generator that drew the initial latent, in the same
-    state the pipeline leaves it, to reproduce a diffusers run. x: latent, float32.
+    state the pipeline leaves it, to reproduce a diffusers run. x: latent, float32. frames_first: x is
+    (B, C, F, H, W) but each draw is made in diffusers' latent layout (B, F, C, H, W) and permuted, so the values
+    match CogVideoXPipeline's (its latents are frames first).
     """
     x = x.to(torch.float32)
     device = generator.device if generator is not None else torch.device("cpu")
-    draw = lambda: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)  # noqa: E731
+    shape = (x.shape[0], x.shape[2], x.shape[1], *x.shape[3:]) if frames_first else x.shape
+    draw = lambda: torch.randn(shape, generator=generator, dtype=x.dtype, device=device).to(x.device)  # noqa: E731
+    if frames_first:
+        draw_ff = draw
+        draw = lambda: draw_ff().transpose(1, 2)  # noqa: E731
     x0_prev, lam_back = None, None
     for i, (t, a_t, a_prev, prev_t) in enumerate(_vp_grid(timesteps, alphas_cumprod)):
         x0 = x0_from_v(x, denoise(x, t), a_t)
