@@ -459,7 +459,7 @@ class Pipeline:
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        return patch_weight(self.model).device
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> context float32 as the family encodes them (`encode_with`)."""
@@ -603,6 +603,13 @@ class Pipeline:
 WanPipeline = Pipeline  # the name before CogVideoX joined the loop
 
 
+def patch_weight(model) -> torch.Tensor:
+    """The DiT's patch-embedding weight (its device and parameter dtype): Wan `patch_embedding`, CogVideoX
+    `patch_embed.proj`."""
+    embed = getattr(model, "patch_embedding", None)
+    return embed.weight if embed is not None else model.patch_embed.proj.weight
+
+
 def guidance_per_expert(preset, guidance: Guidance, guidance_scale: float | None = None,
                         steer: tuple[str, ...] | None = None) -> dict[str, Guidance] | Guidance:
     """A14B: the Guidance of each expert: `guidance` at the expert's preset CFG scale (or guidance_scale if given).
@@ -678,7 +685,7 @@ def sidecar(pipe: WanPipeline, run: SampleConfig, guidance: Guidance | Mapping[s
     if pipe.preset.experts:
         record["expert_steps"] = list(pipe.expert_steps)
         record["keep_experts"] = pipe.keep_experts
-    record["dtype"] = str(next(pipe.model.parameters()).dtype)
+    record["dtype"] = str(patch_weight(pipe.model).dtype)
     record["device"] = str(pipe.device)
     record["versions"] = dict(versions, python=platform.python_version())
     if seconds is not None:

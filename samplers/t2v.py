@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from minivdit import conditioning  # noqa: E402
 from minivdit.guidance import METHODS, OPTIONS, STG_RESCALE_ON, Guidance  # noqa: E402
-from minivdit.pipeline import (COG_PRESETS, COG_SOLVERS, DTYPES, SOLVERS, Pipeline, SampleConfig,  # noqa: E402
+from minivdit.pipeline import (COG_PRESETS, COG_SOLVERS, COG_TINY_DIR, DTYPES, SOLVERS, Pipeline, SampleConfig,  # noqa: E402
                                check_vae, detect_preset, encode_prompts, family_of, find_checkpoint, guidance_for,
                                sidecar, tiny_checkpoint, tiny_cogvideox_checkpoint)
 from minivdit.video import check_output, to_uint8, write_json, write_mp4  # noqa: E402
@@ -83,8 +83,7 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    ckpt = args.ckpt or (None if args.ckpt_high or args.ckpt_low else tiny_cogvideox_checkpoint(preset=args.preset)
-                         if args.preset == "cogvideox-tiny" else tiny_checkpoint())
+    ckpt = args.ckpt or (None if args.ckpt_high or args.ckpt_low else tiny_default(args.preset))
     found = find_checkpoint(ckpt, args.vae, args.text_encoder, args.tokenizer, args.ckpt_high, args.ckpt_low)
     preset = detect_preset(found, args.preset)  # cheap checks first: headers only
     family = family_of(preset)
@@ -121,6 +120,14 @@ def main(argv=None):
     write_json(out.with_suffix(".json"), sidecar(pipe, run, guidance, seconds, **extra))
     print(f"wrote {out} ({run.frames} frames, {run.height}x{run.width}, {seconds:.1f} s) and its .json sidecar")
     return out
+
+
+def tiny_default(preset: str | None) -> Path:
+    """The embedded checkpoint used without --ckpt: the tiny Wan, or for a tiny CogVideoX preset
+    (cogvideox-tiny, cogvideox-tiny-rope, cogvideox1.5-tiny) its own tiny diffusers folder in weights/<preset>."""
+    if preset in COG_PRESETS and "tiny" in preset:
+        return tiny_cogvideox_checkpoint(COG_TINY_DIR.parent / preset, preset=preset)
+    return tiny_checkpoint()
 
 
 def load_image_for(path, preset: str, run: SampleConfig):
