@@ -21,15 +21,19 @@ from samplers import t2v
 # diffusers constructor arguments written out here (as tests/test_cogvideox.py), not taken from minivdit
 BASE = dict(num_attention_heads=4, attention_head_dim=16, time_embed_dim=32, text_embed_dim=32, in_channels=16,
             out_channels=16, max_text_seq_length=226, sample_height=8, sample_width=12, sample_frames=9)
-CASES = {  # kind -> (diffusers config, scheduler class, snr_shift_scale, our preset)
-    "2b-ddim": (dict(BASE, num_layers=3), CogVideoXDDIMScheduler, 3.0, "cogvideox-tiny", "ddim"),
+CASES = {  # kind -> (diffusers config, scheduler class, snr_shift_scale, our preset, solver, frames, latent shape)
+    "2b-ddim": (dict(BASE, num_layers=3), CogVideoXDDIMScheduler, 3.0, "cogvideox-tiny", "ddim", 9, (1, 16, 3, 8, 12)),
     "5b-dpm": (dict(BASE, num_layers=4, use_rotary_positional_embeddings=True), CogVideoXDPMScheduler, 1.0,
-               "cogvideox-tiny-rope", "dpm"),
+               "cogvideox-tiny-rope", "dpm", 9, (1, 16, 3, 8, 12)),
+    # 1.5 (patch_t 2): 9 frames = 3 latent frames, run as 4 with one padded in front; we return the last 3, diffusers
+    # (output_type="latent") returns all 4
+    "1.5-dpm": (dict(BASE, num_layers=3, sample_height=16, sample_width=16, sample_frames=81, patch_size_t=2,
+                     patch_bias=False, use_rotary_positional_embeddings=True), CogVideoXDPMScheduler, 1.0,
+                "cogvideox1.5-tiny", "dpm", 9, (1, 16, 4, 16, 16)),
 }
 SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
              prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, clip_sample=False,
              timestep_spacing="trailing", steps_offset=0)
-SHAPE = (1, 16, 3, 8, 12)  # (B, C, F, H, W): 9 frames of 64 x 96
 TOL = 1e-4
 
 
@@ -60,31 +64,36 @@ def case(request, tmp_path_factory):
     return kind, ref, Pipeline(model, None, None, None, preset, {})
 
 
-def inputs(seed=2):
+def inputs(kind, seed=2):
+    """Prompt embeddings [cond, uncond] and the initial latent (B, C, F, H, W) on the DiT's (padded) grid."""
     g = torch.Generator().manual_seed(seed)
-    context = torch.randn(2, 226, 32, generator=g)  # [cond, uncond]
-    latents = torch.randn(SHAPE, generator=g)
+    context = torch.randn(2, 226, 32, generator=g)
+    latents = torch.randn(CASES[kind][6], generator=g)
     return context, latents
+
+
+def pad_of(kind):
+    return CASES[kind][6][2] - (CASES[kind][5] - 1) // 4 - 1
 
 
 def diffusers_loop(kind, ref, context, latents, steps, scale, dynamic, gen_seed=5):
     """The reference: diffusers' CogVideoXPipeline (fp32) on prompt embeddings and the initial latents (B, F, C, H, W),
     its scheduler drawing from a generator seeded gen_seed; returns the latent (B, C, F, H, W)."""
-    _, sched_cls, snr, _, _ = CASES[kind]
+    _, sched_cls, snr, _, _, frames, _ = CASES[kind]
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=ref,
                              scheduler=sched_cls(**SCHED, snr_shift_scale=snr))
     pipe.set_progress_bar_config(disable=True)
-    _, _, f, h, w = latents.shape
+    _, _, _, h, w = latents.shape
     out = pipe(prompt_embeds=context[:1], negative_prompt_embeds=context[1:], height=h * 8, width=w * 8,
-               num_frames=(f - 1) * 4 + 1, num_inference_steps=steps, guidance_scale=scale,
+               num_frames=frames, num_inference_steps=steps, guidance_scale=scale,
                use_dynamic_cfg=dynamic, latents=latents.permute(0, 2, 1, 3, 4).clone(),
                generator=torch.Generator().manual_seed(gen_seed), output_type="latent", return_dict=False)[0]
-    return out.permute(0, 2, 1, 3, 4)
+    return out.permute(0, 2, 1, 3, 4)[:, :, pad_of(kind):]  # 1.5: the padded frame dropped, as before decoding
 
 
 def ours(kind, pipe, context, latents, steps, scale, dynamic, guidance=None, gen_seed=5):
-    _, _, f, h, w = latents.shape
-    run = SampleConfig.from_preset(pipe.preset, "unused", frames=(f - 1) * 4 + 1, height=h * 8, width=w * 8,
+    _, _, _, h, w = latents.shape
+    run = SampleConfig.from_preset(pipe.preset, "unused", frames=CASES[kind][5], height=h * 8, width=w * 8,
                                    steps=steps, solver=CASES[kind][4], dynamic_cfg=dynamic)
     assert run.shift is None and run.solver == pipe.preset.solver  # the preset's solver is the default
     return pipe.sample(run, guidance or Guidance(guidance_scale=scale), context=context, x=latents.clone(),
@@ -94,7 +103,7 @@ def ours(kind, pipe, context, latents, steps, scale, dynamic, guidance=None, gen
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_cfg_loop_matches_diffusers(case, dynamic):
     kind, ref, pipe = case
-    context, latents = inputs()
+    context, latents = inputs(kind)
     want = diffusers_loop(kind, ref, context, latents, 3, 6.0, dynamic)
     got = ours(kind, pipe, context, latents, 3, 6.0, dynamic)
     err = rel_err(got, want)
@@ -108,26 +117,25 @@ def test_dpm_seed_reproduces_diffusers_generator(case):
     """A seeded run (noise from `seed`, no x given) equals diffusers' run with generator=manual_seed(seed): the same
     (B, F, C, H, W) draw, then the same solver draws."""
     kind, ref, pipe = case
-    context, _ = inputs()
-    _, _, f, h, w = SHAPE
-    run = SampleConfig.from_preset(pipe.preset, "unused", frames=(f - 1) * 4 + 1, height=h * 8, width=w * 8, steps=3,
+    context, _ = inputs(kind)
+    _, sched_cls, snr, _, _, frames, (_, _, _, h, w) = CASES[kind]
+    run = SampleConfig.from_preset(pipe.preset, "unused", frames=frames, height=h * 8, width=w * 8, steps=3,
                                    seed=7, dynamic_cfg=False)
     got = pipe.sample(run, Guidance(guidance_scale=6.0), context=context, progress=False)
-    _, sched_cls, snr, _, _ = CASES[kind]
     dpipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=ref,
                               scheduler=sched_cls(**SCHED, snr_shift_scale=snr))
     dpipe.set_progress_bar_config(disable=True)
     want = dpipe(prompt_embeds=context[:1], negative_prompt_embeds=context[1:], height=h * 8, width=w * 8,
                  num_frames=run.frames, num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=False,
                  generator=torch.Generator().manual_seed(7), output_type="latent", return_dict=False)[0]
-    assert rel_err(got, want.permute(0, 2, 1, 3, 4)) <= TOL
+    assert rel_err(got, want.permute(0, 2, 1, 3, 4)[:, :, pad_of(kind):]) <= TOL
 
 
 def test_methods_through_the_loop(case):
     """STAS, DG and STG run through the loop; neutral settings (STAS K = 0, DG w = 0, STG s = 0) are plain CFG
     exactly, the presets' settings change the result."""
     kind, _, pipe = case
-    context, latents = inputs()
+    context, latents = inputs(kind)
     cfg = ours(kind, pipe, context, latents, 3, 6.0, True)
     neutral = [Guidance(guidance_scale=6.0, stas=Steer(dims=(3,), block=1, alpha=2.5, p=8.0), stas_steps=0),
                Guidance(method="dg", guidance_scale=6.0, dg=Zero(block=1, dims=(3,)), dg_scale=0.0),
@@ -143,7 +151,7 @@ def test_methods_through_the_loop(case):
 @pytest.mark.parametrize("method", ["apg", "cfg-zero*"])
 def test_flow_only_methods_refused(case, method):
     kind, _, pipe = case
-    context, latents = inputs()
+    context, latents = inputs(kind)
     with pytest.raises(ValueError, match="v-prediction"):
         ours(kind, pipe, context, latents, 3, 6.0, False, guidance=Guidance(method=method))
 
