@@ -190,7 +190,8 @@ class CogVideoXFamily(Family):
 
     Noise: diffusers draws the latent (B, F, C, H, W) from the caller's generator; this family draws the same
     shape from a CPU generator seeded with run.seed and permutes it to (B, C, F, H, W), and the DPM solver keeps
-    drawing from that generator in the same frames-first layout, so a seed reproduces CogVideoXPipeline(generator=torch.Generator().manual_seed(seed)).
+    drawing from that generator in the same frames-first layout, so a seed reproduces diffusers'
+    CogVideoXPipeline(generator=torch.Generator().manual_seed(seed)) (tests/test_cogvideox_pipeline.py).
     1.5 (patch_size_t = 2): an odd latent frame count gets one latent frame drawn in front (as diffusers), dropped
     after solving (cogvideox.latent_frames)."""
     name = "CogVideoX"

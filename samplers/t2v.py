@@ -22,9 +22,9 @@ import torch  # noqa: E402
 
 from minivdit import conditioning  # noqa: E402
 from minivdit.guidance import METHODS, OPTIONS, STG_RESCALE_ON, Guidance  # noqa: E402
-from minivdit.pipeline import (COG_PRESETS, COG_SOLVERS, COG_TINY_DIR, DTYPES, SOLVERS, Pipeline, SampleConfig,  # noqa: E402
-                               check_vae, detect_preset, encode_prompts, family_of, find_checkpoint, guidance_for,
-                               sidecar, tiny_checkpoint, tiny_cogvideox_checkpoint)
+from minivdit.pipeline import (COG_PRESETS, COG_SOLVERS, COG_TINY_DIR, DTYPES, SOLVERS, Pipeline,  # noqa: E402
+                               SampleConfig, check_vae, detect_preset, encode_prompts, family_of, find_checkpoint,
+                               guidance_for, sidecar, tiny_checkpoint, tiny_cogvideox_checkpoint)
 from minivdit.video import check_output, to_uint8, write_json, write_mp4  # noqa: E402
 from minivdit.wan import PRESETS  # noqa: E402
 
