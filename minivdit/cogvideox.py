@@ -419,6 +419,12 @@ class Preset:
     stas: dict = field(default_factory=dict)
     dg: dict = field(default_factory=dict)
     stg: dict = field(default_factory=dict)
+    # the fields the one sampling loop reads from every preset (pipeline.py), with CogVideoX's values: text-to-video
+    # only, one DiT, one timestep per sample, VAE stride (t, h, w) = (4, 8, 8)
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    per_token_t: bool = False
+    image: str | None = None
+    experts: tuple = ()
 
 
 # STAS Table A3 (MA channel, block m 0-based, alpha, p in %, K steps); DG zeroes the

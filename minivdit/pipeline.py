@@ -28,14 +28,18 @@ from . import solvers
 from .checkpoints import CheckpointError, shape_of
 from .guidance import Guidance, from_preset
 from .text import NEGATIVE_PROMPT, encode_text, load_text_encoder, load_tokenizer, tiny_umt5_config, umt5_xxl_config
+from .cogvideox import PRESETS as COG_PRESETS, latent_frames as cog_latent_frames, load_cogvideox, open_cogvideox
+from .cogvideox_vae import load_cogvideox_vae
+from .text import encode_t5, load_t5_encoder, tiny_t5_config
 from .wan import PRESETS, WanModel, find_experts, find_transformer, load_wan, native_config, open_wan
 from .wan_vae import WanVAE, WanVAE22, load_wan_vae, open_wan_vae
 
-SOLVERS = {  # name -> (solver, official grid)
+SOLVERS = {  # Wan's flow solvers: name -> (solver, official grid)
     "unipc": (solvers.sample_unipc, solvers.wan_unipc_sigmas),
     "dpm++": (solvers.sample_dpmpp_2m, solvers.flow_sigmas),
     "euler": (solvers.sample_euler, solvers.flow_sigmas),
 }
+COG_SOLVERS = {"ddim": solvers.sample_ddim_vpred, "dpm": solvers.sample_dpm_vpred}  # CogVideoX v-prediction
 VAE_STRIDE = (4, 8, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
 
@@ -51,18 +55,21 @@ class SampleConfig:
     height: int = 480
     width: int = 832
     steps: int = 50
-    shift: float = 5.0
+    shift: float | None = 5.0
     solver: str = "unipc"
     seed: int = 0
     fps: int = 16
+    dynamic_cfg: bool = False
 
-    def check(self, stride: int = 16) -> None:
-        """Raise ValueError for a frame count, size, step count or solver the model cannot take. stride: the size
-        multiple, VAE stride x patch 2 (16 for the Wan2.1 VAE, 32 for Wan2.2 TI2V-5B)."""
+    def check(self, stride: int = 16, family: "Family | None" = None) -> None:
+        """Raise ValueError for a frame count, size, step count, solver or shift the model cannot take. stride: the
+        size multiple, VAE stride x patch 2 (16 for the Wan2.1 and CogVideoX VAEs, 32 for Wan2.2 TI2V-5B); family:
+        whose rules (solvers, shift, dynamic CFG) and name the messages use (None: Wan)."""
+        family = family or WAN
         if self.frames < 1 or (self.frames - 1) % 4:
             k = max(0, round((self.frames - 1) / 4))
-            raise ValueError(f"frames={self.frames}: Wan needs 4k+1 frames (the VAE packs 4 frames per latent after "
-                             f"the first); try {4 * k + 1}")
+            raise ValueError(f"frames={self.frames}: {family.name} needs 4k+1 frames (the VAE packs 4 frames per "
+                             f"latent after the first); try {4 * k + 1}")
         for name, v in (("height", self.height), ("width", self.width)):
             if v < stride or v % stride:
                 raise ValueError(f"{name}={v}: must be a positive multiple of {stride} (VAE stride {stride // 2} x "
@@ -70,15 +77,16 @@ class SampleConfig:
                                  f"try {max(stride, v // stride * stride)}")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {list(SOLVERS)}")
-        if self.shift <= 0:
-            raise ValueError(f"shift={self.shift} must be > 0")
+        family.check(self)
 
     @classmethod
     def from_preset(cls, preset, prompt: str, **overrides) -> "SampleConfig":
-        """A run with the preset's frames / size / steps / shift / fps; overrides that are None are ignored."""
-        defaults = {k: getattr(preset, k) for k in ("frames", "height", "width", "steps", "shift", "fps")}
+        """A run with the preset's frames / size / steps / fps and its family's sampler defaults: Wan: shift 5 (the
+        preset's), solver unipc, no dynamic CFG; CogVideoX: no shift (None: its SNR shift is the preset's schedule),
+        the preset's solver ('ddim' 2B, 'dpm' 5B / 1.5) and dynamic CFG. Overrides that are None are ignored."""
+        defaults = {k: getattr(preset, k) for k in ("frames", "height", "width", "steps", "fps")}
+        defaults.update(shift=getattr(preset, "shift", None), solver=getattr(preset, "solver", "unipc"),
+                        dynamic_cfg=getattr(preset, "dynamic_cfg", False))
         return cls(prompt=prompt, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def latent_shape(self, channels: int = 16, stride: tuple[int, int, int] = VAE_STRIDE) -> tuple[int, ...]:
@@ -90,6 +98,160 @@ class SampleConfig:
 def noise(shape, seed: int) -> torch.Tensor:
     """Standard normal float32 noise drawn on the CPU from `seed` (official Wan draws (C, F, H, W) the same way)."""
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# families: what the one loop asks of a model family (it never branches on the family's name)
+
+
+class Family:
+    """A model family as the sampling loop sees it: its presets, size / solver rules, the latent and its seeded
+    noise, the solver's step grid and how a grid value becomes the DiT's timestep, the solver call, and which
+    guidance methods are defined for its prediction type. Both families' DiTs predict a velocity-like v and are
+    called as model(x, t, context, perturb, branches); guidance combines those v predictions (CFG, DG, STG are
+    linear in them; STAS acts inside the DiT)."""
+    name = "?"
+    presets: dict = {}
+    solvers: Mapping = {}
+    negative_prompt = ""
+
+    def check(self, run: SampleConfig) -> None:
+        """Raise ValueError for sampler settings this family cannot take (sizes are checked by SampleConfig)."""
+        if run.solver not in self.solvers:
+            raise ValueError(f"unknown solver {run.solver!r} for {self.name}; choose one of {list(self.solvers)}")
+
+    def check_guidance(self, g: Guidance) -> None:
+        """Raise ValueError for a guidance method not defined for this family's prediction."""
+
+    def stride(self, preset) -> int:
+        """Height / width multiple: VAE stride x patch."""
+        raise NotImplementedError
+
+    def latent(self, run: SampleConfig, preset) -> tuple[tuple[int, ...], int]:
+        """(latent shape (1, C, F, H, W) the DiT runs on, latent frames padded in front and dropped after solving)."""
+        raise NotImplementedError
+
+    def noise(self, shape, generator: torch.Generator) -> torch.Tensor:
+        """The initial latent (shape, float32) drawn from generator (CPU: the same on every device)."""
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    def grid(self, run: SampleConfig, preset) -> torch.Tensor:
+        """The official step grid of run.solver: the values the solver hands to `denoise`, in order."""
+        raise NotImplementedError
+
+    def timestep(self, value) -> torch.Tensor:
+        """A grid value -> the DiT's int64 timestep (0-d)."""
+        raise NotImplementedError
+
+    def solve(self, run: SampleConfig, preset, denoise, x, grid, callback, project, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class WanFamily(Family):
+    """Wan2.1 / Wan2.2: flow matching, the DiT predicts the velocity v = eps - x0; sigma grids with a shift."""
+    name = "Wan"
+    presets = PRESETS
+    solvers = SOLVERS
+    negative_prompt = NEGATIVE_PROMPT
+
+    def check(self, run):
+        super().check(run)
+        if run.shift is None or run.shift <= 0:
+            raise ValueError(f"shift={run.shift} must be > 0")
+        if run.dynamic_cfg:
+            raise ValueError("dynamic CFG is CogVideoX's (its w(t) formula is tied to its timesteps); Wan runs a "
+                             "constant scale: drop --dynamic-cfg")
+
+    def stride(self, preset):
+        return preset.vae_stride[1] * preset.config.patch_size[1]
+
+    def latent(self, run, preset):
+        return run.latent_shape(preset.config.out_dim, preset.vae_stride), 0
+
+    def grid(self, run, preset):
+        return SOLVERS[run.solver][1](run.steps, run.shift)
+
+    def timestep(self, value):
+        return solvers.timestep(value)
+
+    def solve(self, run, preset, denoise, x, grid, callback, project, generator):
+        return SOLVERS[run.solver][0](denoise, x, grid, callback, project=project)
+
+
+class CogVideoXFamily(Family):
+    """CogVideoX (2B, 5B, 1.5): v-prediction v = sqrt(a) eps - sqrt(1 - a) x0 on the discrete VP schedule of the
+    preset (SNR shift, zero terminal SNR); the solvers (DDIM, SDE-DPM-Solver++(2M)) walk integer timesteps.
+
+    Guidance: as diffusers' CogVideoXPipeline, CFG combines the v-predictions (`noise_pred`); DG and STG, linear in
+    the predictions like CFG, do the same, and STAS acts inside the DiT. Dynamic CFG (SampleConfig.dynamic_cfg)
+    replaces the CFG scale g at each step by solvers.dynamic_cfg_scale(g, t, steps) (for DG / STG: their CFG term's
+    scale; their own weights stay). APG and CFG-Zero* are written for flow velocities (APG's x0 = x - sigma v,
+    CFG-Zero*'s zeroed first velocities) and are refused here rather than run on the wrong quantity.
+
+    Noise: diffusers draws the latent (B, F, C, H, W) from the caller's generator; this family draws the same
+    shape from a CPU generator seeded with run.seed and permutes it to (B, C, F, H, W), and the DPM solver keeps
+    drawing from that generator in the same frames-first layout, so a seed reproduces diffusers'
+    CogVideoXPipeline(generator=torch.Generator().manual_seed(seed)) (tests/test_cogvideox_pipeline.py).
+    1.5 (patch_size_t = 2): an odd latent frame count gets one latent frame drawn in front (as diffusers), dropped
+    after solving (cogvideox.latent_frames)."""
+    name = "CogVideoX"
+    presets = COG_PRESETS
+    solvers = COG_SOLVERS
+    negative_prompt = ""  # diffusers' `negative_prompt or ""`
+
+    def check(self, run):
+        super().check(run)
+        if run.shift is not None:
+            raise ValueError(f"shift={run.shift}: CogVideoX has no flow shift (its SNR shift is part of the preset's "
+                             "noise schedule); drop --shift")
+
+    def check_guidance(self, g):
+        if g.method in ("apg", "cfg-zero*"):
+            raise ValueError(f"guidance method {g.method!r} is defined on flow velocities (x0 = x - sigma v) and is "
+                             "not implemented for CogVideoX's v-prediction; use cfg, dg, stg or stg-official "
+                             "(any of them with --stas)")
+
+    def stride(self, preset):
+        return preset.vae_stride[1] * preset.config.patch_size
+
+    def latent(self, run, preset):
+        t, pad = cog_latent_frames(run.frames, preset.config, preset.vae_stride[0])
+        _, h, w = preset.vae_stride
+        return (1, preset.config.out_channels, t, run.height // h, run.width // w), pad
+
+    def noise(self, shape, generator):
+        b, c, f, h, w = shape
+        return torch.randn((b, f, c, h, w), generator=generator, dtype=torch.float32).permute(0, 2, 1, 3, 4)
+
+    def grid(self, run, preset):
+        return solvers.cogvideox_timesteps(run.steps)
+
+    def timestep(self, value):
+        return torch.tensor(int(value), dtype=torch.int64)
+
+    def solve(self, run, preset, denoise, x, grid, callback, project, generator):
+        if project is not None:
+            raise ValueError("CogVideoX takes no clean first frame")
+        alphas = solvers.cogvideox_alphas_cumprod(preset.snr_shift_scale)
+        if run.solver == "dpm":
+            return solvers.sample_dpm_vpred(denoise, x, grid, alphas, generator, callback, frames_first=True)
+        return solvers.sample_ddim_vpred(denoise, x, grid, alphas, callback)
+
+
+WAN, COGVIDEOX = WanFamily(), CogVideoXFamily()
+FAMILIES = {"wan": WAN, "cogvideox": COGVIDEOX}
+
+
+def family_of(preset: str) -> Family:
+    """The family of a preset name; raises ValueError for an unknown one."""
+    for f in FAMILIES.values():
+        if preset in f.presets:
+            return f
+    raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS) + list(COG_PRESETS)}")
+
+
+def preset_of(preset: str):
+    return family_of(preset).presets[preset]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,9 +310,23 @@ def _complete(found: dict, path, vae, text_encoder, tokenizer) -> dict:
     return found
 
 
+def detect_family(found: dict, preset: str | None = None) -> Family:
+    """The family of a checkpoint (`find_checkpoint`): the preset's if one is given, else from the DiT's key names
+    (headers only): CogVideoX's `patch_embed.proj.weight` or Wan's `patch_embedding`."""
+    if preset is not None:
+        return family_of(preset)
+    if found["experts"] is None:
+        from .checkpoints import LazySafetensors
+        if "patch_embed.proj.weight" in LazySafetensors(find_transformer(found["transformer"])).keys():
+            return COGVIDEOX
+    return WAN
+
+
 def detect_preset(found: dict, preset: str | None = None) -> str:
     """The preset of a checkpoint (`find_checkpoint`) from its DiT shapes, reading headers only. For two experts
     both are read: they must have the same shapes and fit a two-expert preset. Raises CheckpointError."""
+    if detect_family(found, preset) is COGVIDEOX:
+        return open_cogvideox(found["transformer"], preset)[2]
     if found["experts"] is None:
         return open_wan(found["transformer"], preset)[2]
     seen = {}
@@ -169,24 +345,40 @@ def detect_preset(found: dict, preset: str | None = None) -> str:
 
 
 def load_text(found: dict, preset: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
-    """The tokenizer and umt5 encoder of a checkpoint (`find_checkpoint`); umt5-xxl unless the preset is tiny."""
+    """The tokenizer and text encoder of a checkpoint (`find_checkpoint`): Wan's umt5 (umt5-xxl unless the preset
+    is tiny), CogVideoX's T5 (its text_encoder/ folder brings config.json; T5-v1.1-xxl otherwise)."""
     tok = load_tokenizer(found["tokenizer"])
     path = Path(found["text_encoder"])
-    config = tiny_umt5_config(len(tok)) if PRESETS[preset].text_encoder == "tiny" else \
+    tiny = preset_of(preset).text_encoder == "tiny"
+    if family_of(preset) is COGVIDEOX:
+        config = tiny_t5_config(len(tok)) if tiny and not path.is_dir() else None
+        return tok, load_t5_encoder(path, config=config, dtype=dtype, device=device)
+    config = tiny_umt5_config(len(tok)) if tiny else \
         None if path.is_dir() else umt5_xxl_config()  # a transformers folder brings its config.json
     return tok, load_text_encoder(path, config=config, dtype=dtype, device=device)
+
+
+def encode_with(preset: str, prompts: list[str], tok, enc, device=None) -> torch.Tensor:
+    """Prompts -> context float32 as the family's reference pipeline encodes them: Wan (B, 512, D) trimmed and
+    zero-padded (text.encode_text); CogVideoX (B, 226, D), every row kept (text.encode_t5)."""
+    if family_of(preset) is COGVIDEOX:
+        return encode_t5(prompts, tok, enc, preset_of(preset).config.max_text_seq_length, device=device)
+    return encode_text(prompts, tok, enc, PRESETS[preset].config.text_len, device=device)
 
 
 def encode_prompts(found: dict, preset: str, prompts: list[str], dtype: torch.dtype = torch.bfloat16,
                    device="cpu") -> torch.Tensor:
     """Encode prompts with a text encoder that is loaded for this call only, so that its memory (11 GB for
-    umt5-xxl in bf16) is never held together with the DiT's. Returns (B, text_len, text_dim) float32."""
+    umt5-xxl in bf16, 9.5 GB for CogVideoX's T5-xxl) is never held together with the DiT's. Returns
+    (B, text_len, text_dim) float32."""
     tok, enc = load_text(found, preset, dtype, device)
-    return encode_text(prompts, tok, enc, PRESETS[preset].config.text_len, device=device)
+    return encode_with(preset, prompts, tok, enc, device=device)
 
 
-class WanPipeline:
-    """A loaded Wan model: its DiT (or A14B experts), VAE, optionally the text encoder and tokenizer, and their sources.
+class Pipeline:
+    """A loaded model of any family (Wan2.1 / Wan2.2, CogVideoX): its DiT (or A14B experts), VAE, optionally the text
+    encoder and tokenizer, and their sources. `family` (WAN or COGVIDEOX, from the preset) supplies what differs;
+    the sampling loop (`sample`, `denoiser`) is one copy for all.
 
     model: the DiT; for a two-expert preset (Wan2.2 A14B) pass `experts` = {name: loader() -> WanModel} instead
     (model may be one already-loaded expert, under the name of the preset's first expert). Only one expert is
@@ -198,7 +390,8 @@ class WanPipeline:
     def __init__(self, model: WanModel | None, vae: WanVAE | None, text_encoder, tokenizer, preset: str, info: dict,
                  experts: Mapping[str, Callable[[], WanModel]] | None = None, keep_experts: bool = False):
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
-        self.preset, self.info = PRESETS[preset], dict(info, preset=preset)
+        self.family = family_of(preset)
+        self.preset, self.info = self.family.presets[preset], dict(info, preset=preset, family=self.family.name)
         self.names = [e.name for e in self.preset.experts] or ["dit"]  # in timestep order, high noise first
         self.loaders, self.keep_experts = dict(experts or {}), keep_experts
         self.resident = {} if model is None else {self.names[0]: model}  # name -> loaded DiT
@@ -245,7 +438,9 @@ class WanPipeline:
         found = find_checkpoint(path, vae, text_encoder, tokenizer, ckpt_high, ckpt_low)
         preset = detect_preset(found, preset)
         experts = None
-        if found["experts"] is not None:
+        if family_of(preset) is COGVIDEOX:
+            model, preset, dit_layout = load_cogvideox(found["transformer"], preset=preset, dtype=dtype, device=device)
+        elif found["experts"] is not None:
             experts = {name: (lambda f=f: load_wan(f, preset=preset, dtype=dtype, device=device)[0])
                        for name, f in found["experts"].items()}
             model, dit_layout = None, open_wan(found["transformer"], preset)[1]
@@ -253,7 +448,8 @@ class WanPipeline:
             model, preset, dit_layout = load_wan(found["transformer"], preset=preset, dtype=dtype, device=device)
         tok, enc = load_text(found, preset, text_dtype, device) if with_text_encoder else (None, None)
         vae_model = load_vae(found["vae"], preset, device)
-        info = {"checkpoint": str(Path(path or found["transformer"]).resolve()), "layout": found["layout"],
+        info = {"family": family_of(preset).name,
+                "checkpoint": str(Path(path or found["transformer"]).resolve()), "layout": found["layout"],
                 "dit_layout": dit_layout,
                 **{k: str(Path(found[k]).resolve()) for k in ("vae", "text_encoder", "tokenizer")}}
         if experts:
@@ -264,11 +460,11 @@ class WanPipeline:
 
     @property
     def device(self):
-        return self.model.patch_embedding.weight.device
+        return patch_weight(self.model).device
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> context (B, 512, text_dim) float32, trimmed and zero-padded (text.encode_text)."""
-        return encode_text(prompts, self.tokenizer, self.text_encoder, self.preset.config.text_len, device=self.device)
+        """Prompts -> context float32 as the family encodes them (`encode_with`)."""
+        return encode_with(self.info["preset"], prompts, self.tokenizer, self.text_encoder, device=self.device)
 
     def timesteps(self, t: torch.Tensor, latent_shape, first_frame: bool) -> torch.Tensor:
         """The model's timesteps for both CFG rows: (2,) int64, or for per-token presets (Wan2.2 TI2V) (2, L) with
@@ -283,9 +479,13 @@ class WanPipeline:
         return tt.flatten()[None].expand(2, -1)  # (2, L)
 
     def denoiser(self, context: torch.Tensor, guidance: Guidance | Mapping[str, Guidance], sigmas: torch.Tensor,
-                 first_frame: bool = False, concat: torch.Tensor | None = None):
+                 first_frame: bool = False, concat: torch.Tensor | None = None, dynamic_steps: int | None = None):
         """The solver's `denoise(x, sigma) -> v`: one batched model call per step, combined by `guidance`.
 
+        sigmas: the solver's grid (`Family.grid`: flow sigmas for Wan, integer timesteps for CogVideoX); the solver
+        calls denoise with one grid value, which `Family.timestep` turns into the DiT's timestep.
+        dynamic_steps: CogVideoX dynamic CFG over that many inference steps (None: off): the step's CFG scale is
+        solvers.dynamic_cfg_scale(g, t, dynamic_steps), as diffusers' CogVideoXPipeline computes it.
         context: (2, L, D) = [cond, uncond]. Step i is found from sigma on the grid, so STAS knows its first K steps.
         The step's integer timestep picks the expert (A14B) and its Guidance (a mapping: one per expert name; an
         expert not in it runs plain CFG at its preset scale). first_frame: frame 0 of x is the clean image latent
@@ -297,12 +497,14 @@ class WanPipeline:
 
         def denoise(x, sigma):
             i = step[sigma]
-            t = solvers.timestep(sigma).to(x.device)  # int64 model timestep
+            t = self.family.timestep(sigma).to(x.device)  # int64 model timestep
             name = self.expert_for(int(t))
             model = self.use_expert(name)
             self.expert_steps.append(name)
             g = guidance if isinstance(guidance, Guidance) else \
                 guidance.get(name, Guidance(guidance_scale=self.expert_scale(name)))
+            if dynamic_steps is not None:
+                g = replace(g, guidance_scale=solvers.dynamic_cfg_scale(g.guidance_scale, int(t), dynamic_steps))
             perturb, branches, names = g.passes(i)
             xin = x if concat is None else torch.cat([x, concat.to(x)], dim=1)  # (1, C + C', F, H, W)
             v = model(xin.expand(2, *xin.shape[1:]), self.timesteps(t, x.shape, first_frame), context, perturb,
@@ -320,11 +522,16 @@ class WanPipeline:
     def sample(self, run: SampleConfig, guidance: Guidance | Mapping[str, Guidance],
                context: torch.Tensor | None = None, sigmas: torch.Tensor | None = None, x: torch.Tensor | None = None,
                callback=None, progress: bool = True, first_frame: torch.Tensor | None = None,
-               concat: torch.Tensor | None = None) -> torch.Tensor:
+               concat: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Solve from seeded noise to a latent (1, C, F, H/s, W/s) float32 (C = the DiT's out_dim, s its VAE stride).
 
-        context: (2, 512, text_dim) [cond, uncond] (None: encode run.prompt / run.negative_prompt); sigmas: the grid
-        (None: the official grid of run.solver); x: the initial noise (None: `noise(seed)`). callback(dict) per step.
+        context: (2, text_len, text_dim) [cond, uncond] (None: encode run.prompt / run.negative_prompt with the
+        family's default negative prompt); sigmas: the grid (None: the family's official grid of run.solver:
+        sigmas for Wan, integer timesteps for CogVideoX); x: the initial latent on the DiT's grid (None: drawn by
+        `Family.noise` from the generator); generator: the CPU generator the initial noise and a stochastic solver
+        (CogVideoX 'dpm') draw from (None: torch.Generator().manual_seed(run.seed)). callback(dict) per step.
+        CogVideoX1.5: the DiT's latent has the padded frame in front; it is dropped from the result.
+        run.dynamic_cfg: CogVideoX's dynamic CFG (see `denoiser`).
         guidance: one Guidance, or {expert name: Guidance} for A14B (see `guidance_per_expert`).
         first_frame: TI2V image-to-video, the normalized image latent z0 (1, C, 1, H/s, W/s): latent frame 0 is z0
         from the start and after every solver step (official textimage2video.py; the guidance combine sees that
@@ -336,23 +543,26 @@ class WanPipeline:
         T2V and I2V runs are comparable. Steer(tokens='boundary') leaves F0 out.
         Raises ValueError for a run, guidance or conditioning the model cannot take.
         """
-        p, c = self.preset, self.preset.config
-        run.check(p.vae_stride[1] * c.patch_size[1])
+        p, c, fam = self.preset, self.preset.config, self.family
+        run.check(fam.stride(p), fam)
         for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values()):
             g.check(run.steps, c.num_layers, c.dim)
-        shape = run.latent_shape(c.out_dim, p.vae_stride)
+            fam.check_guidance(g)
+        shape, pad = fam.latent(run, p)
         self.check_conditioning(shape, first_frame, concat)
-        solve, grid = SOLVERS[run.solver]
-        sigmas = grid(run.steps, run.shift) if sigmas is None else sigmas
+        sigmas = fam.grid(run, p) if sigmas is None else sigmas
         if context is None:
-            neg = NEGATIVE_PROMPT if run.negative_prompt is None else run.negative_prompt
+            neg = fam.negative_prompt if run.negative_prompt is None else run.negative_prompt
             context = self.encode([run.prompt, neg])
-        x = noise(shape, run.seed) if x is None else x
+        generator = torch.Generator("cpu").manual_seed(run.seed) if generator is None else generator
+        x = fam.noise(shape, generator) if x is None else x
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"x has shape {tuple(x.shape)}; this run needs {tuple(shape)}")
         project = None
         if first_frame is not None:
             z0 = first_frame.to(self.device, torch.float32)
             project = lambda x: torch.cat([z0, x[:, :, 1:]], dim=2)  # noqa: E731 -- pin latent frame 0 to z0
-        bar = tqdm(total=len(sigmas) - 1, disable=not progress, desc="sampling", unit="step")
+        bar = tqdm(total=run.steps, disable=not progress, desc="sampling", unit="step")
 
         def step_done(info):
             bar.update(1)
@@ -361,10 +571,11 @@ class WanPipeline:
 
         self.expert_steps = []
         denoise = self.denoiser(context.to(self.device), guidance, sigmas, first_frame is not None,
-                                None if concat is None else concat.to(self.device, torch.float32))
-        x = solve(denoise, x.to(self.device), sigmas, step_done, project=project)
+                                None if concat is None else concat.to(self.device, torch.float32),
+                                run.steps if run.dynamic_cfg else None)
+        x = fam.solve(run, p, denoise, x.to(self.device), sigmas, step_done, project, generator)
         bar.close()
-        return x
+        return x[:, :, pad:]
 
     def check_conditioning(self, shape, first_frame, concat) -> None:
         """Raise ValueError if an image condition does not fit the model (kind, channels, frames, size)."""
@@ -388,6 +599,16 @@ class WanPipeline:
     def __call__(self, run: SampleConfig, guidance: Guidance, **kw) -> torch.Tensor:
         """Generate a video (3, T, H, W) in [-1, 1]."""
         return self.vae.decode(self.sample(run, guidance, **kw))[0]
+
+
+WanPipeline = Pipeline  # the name before CogVideoX joined the loop
+
+
+def patch_weight(model) -> torch.Tensor:
+    """The DiT's patch-embedding weight (its device and parameter dtype): Wan `patch_embedding`, CogVideoX
+    `patch_embed.proj`."""
+    embed = getattr(model, "patch_embedding", None)
+    return embed.weight if embed is not None else model.patch_embed.proj.weight
 
 
 def guidance_per_expert(preset, guidance: Guidance, guidance_scale: float | None = None,
@@ -425,7 +646,9 @@ def guidance_for(preset, method: str = "cfg", stas: bool = False, steer: tuple[s
 def check_vae(found: dict, preset: str) -> None:
     """Cheap check, before heavy work (keys and shapes only), that the checkpoint's VAE fits the DiT: a Wan2.1 VAE
     (z 16, stride 8) given to TI2V-5B, or the Wan2.2 VAE (z 48, stride 16) given to a Wan2.1 / A14B model, raises a
-    CheckpointError naming the file and the VAE the model needs."""
+    CheckpointError naming the file and the VAE the model needs. CogVideoX: its loader names a Wan VAE given to it."""
+    if family_of(preset) is COGVIDEOX:
+        return
     p = PRESETS[preset]
     _, layout, version, _, z_dim = open_wan_vae(found["vae"])
     if z_dim != p.config.out_dim:
@@ -435,8 +658,10 @@ def check_vae(found: dict, preset: str) -> None:
 
 
 def load_vae(path, preset: str, device="cpu"):
-    """The VAE of a preset (Wan2.1 or Wan2.2, detected from the file), float32 as the official pipelines run it;
-    raises CheckpointError when it does not fit the DiT (`check_vae`)."""
+    """The VAE of a preset (Wan2.1 or Wan2.2, detected from the file; CogVideoX's from its vae/ folder), float32 as
+    the official pipelines run it; raises CheckpointError when it does not fit the DiT (`check_vae`)."""
+    if family_of(preset) is COGVIDEOX:
+        return load_cogvideox_vae(path, dtype=torch.float32, device=device)
     check_vae({"vae": path}, preset)
     return load_wan_vae(path, dtype=torch.float32, device=device)
 
@@ -455,13 +680,13 @@ def sidecar(pipe: WanPipeline, run: SampleConfig, guidance: Guidance | Mapping[s
     per_expert = not isinstance(guidance, Guidance)
     record = {**pipe.info, **asdict(run), **extra,
               "guidance": {k: as_json(g) for k, g in guidance.items()} if per_expert else as_json(guidance)}
-    record["negative_prompt"] = NEGATIVE_PROMPT if run.negative_prompt is None else run.negative_prompt
+    record["negative_prompt"] = pipe.family.negative_prompt if run.negative_prompt is None else run.negative_prompt
     record["guidance_scale"] = {k: g.guidance_scale for k, g in guidance.items()} if per_expert else \
         guidance.guidance_scale
     if pipe.preset.experts:
         record["expert_steps"] = list(pipe.expert_steps)
         record["keep_experts"] = pipe.keep_experts
-    record["dtype"] = str(pipe.model.patch_embedding.weight.dtype)
+    record["dtype"] = str(patch_weight(pipe.model).dtype)
     record["device"] = str(pipe.device)
     record["versions"] = dict(versions, python=platform.python_version())
     if seconds is not None:
@@ -509,6 +734,47 @@ def tiny_checkpoint(root: str | Path = TINY_DIR, seed: int = 0, preset: str = "w
         tok = make_tiny_tokenizer(tmp / "google" / "umt5-xxl")
         enc = UMT5EncoderModel(tiny_umt5_config(len(tok)))
         torch.save(umt5_to_native(enc.state_dict()), tmp / "models_t5_umt5-xxl-enc-bf16.pth")
+        if root.exists():  # another process finished first
+            return root
+        tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+COG_TINY_DIR = Path(__file__).resolve().parent.parent / "weights" / "cogvideox-tiny"
+COG_TINY_VAE = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def tiny_cogvideox_checkpoint(root: str | Path = COG_TINY_DIR, seed: int = 0, preset: str = "cogvideox-tiny") -> Path:
+    """Create (once) a tiny CogVideoX checkpoint in the diffusers layout (the official HF layout) from seeded random
+    weights: transformer/ (config.json + diffusion_pytorch_model.safetensors), vae/ (a 16-32-32-32 channel VAE with
+    the preset's scaling factor), text_encoder/ (a 2-layer T5 encoder) and tokenizer/ (the tiny sentencepiece
+    tokenizer). Noise-like videos: it exercises the machinery. Written to a temporary folder and renamed into place."""
+    from safetensors.torch import save_file
+    from transformers import T5EncoderModel
+
+    from .cogvideox import CogVideoXModel, diffusers_config
+    from .cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig, config_dict
+    from .text import make_tiny_tokenizer
+
+    root = Path(root)
+    if root.is_dir() and any(root.iterdir()):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        p = COG_PRESETS[preset]
+        save = lambda m, sub, config: ((tmp / sub).mkdir(), save_file(  # noqa: E731
+            {k: v.contiguous() for k, v in m.state_dict().items()}, tmp / sub / "diffusion_pytorch_model.safetensors"),
+            (tmp / sub / "config.json").write_text(json.dumps(config, indent=2)))
+        torch.manual_seed(seed)
+        save(CogVideoXModel(p.config), "transformer",
+             {"_class_name": "CogVideoXTransformer3DModel", **diffusers_config(p.config)})
+        vae_config = CogVideoXVAEConfig(**COG_TINY_VAE, scaling_factor=p.vae_scaling_factor)
+        save(CogVideoXVAE(vae_config), "vae", {"_class_name": "AutoencoderKLCogVideoX", **config_dict(vae_config)})
+        tok = make_tiny_tokenizer(tmp / "tokenizer")
+        T5EncoderModel(tiny_t5_config(len(tok))).save_pretrained(tmp / "text_encoder")
         if root.exists():  # another process finished first
             return root
         tmp.rename(root)

@@ -1,6 +1,8 @@
-"""Text (and image) to video with Wan2.1 / Wan2.2: a prompt in, an mp4 and its JSON sidecar out.
+"""Text (and image) to video with Wan2.1 / Wan2.2 and CogVideoX: a prompt in, an mp4 and its JSON sidecar out.
 
     python samplers/t2v.py                                   # embedded tiny default (noise-like, checks the machinery)
+    python samplers/t2v.py --preset cogvideox-tiny           # the embedded tiny CogVideoX (diffusers layout)
+    python samplers/t2v.py --ckpt weights/CogVideoX-5b --frames 49 --height 480 --width 720   # diffusers folder
     python samplers/t2v.py --ckpt weights/Wan2.1-T2V-1.3B --prompt "A cat walks on the grass" \
         --frames 33 --height 480 --width 832 --output outputs/cat.mp4
     python samplers/t2v.py --ckpt weights/Wan2.2-TI2V-5B --image cat.jpg ...        # TI2V: image as frame 0
@@ -20,9 +22,9 @@ import torch  # noqa: E402
 
 from minivdit import conditioning  # noqa: E402
 from minivdit.guidance import METHODS, OPTIONS, STG_RESCALE_ON, Guidance  # noqa: E402
-from minivdit.pipeline import (DTYPES, SampleConfig, WanPipeline, check_vae, detect_preset,  # noqa: E402
-                               encode_prompts, find_checkpoint, guidance_for, sidecar, tiny_checkpoint)
-from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
+from minivdit.pipeline import (COG_PRESETS, COG_SOLVERS, COG_TINY_DIR, DTYPES, SOLVERS, Pipeline,  # noqa: E402
+                               SampleConfig, check_vae, detect_preset, encode_prompts, family_of, find_checkpoint,
+                               guidance_for, sidecar, tiny_checkpoint, tiny_cogvideox_checkpoint)
 from minivdit.video import check_output, to_uint8, write_json, write_mp4  # noqa: E402
 from minivdit.wan import PRESETS  # noqa: E402
 
@@ -46,10 +48,12 @@ def guidance_from_args(args, preset) -> Guidance | dict[str, Guidance]:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="A red fox trots through fresh snow in a pine forest at dawn.")
-    p.add_argument("--negative-prompt", default=None, help="default: the official Wan negative prompt")
+    p.add_argument("--negative-prompt", default=None, help="default: the official Wan negative prompt; \"\" for "
+                                                           "CogVideoX (as diffusers)")
     p.add_argument("--ckpt", default=None, help="checkpoint folder (native or diffusers) or a ComfyUI DiT file; "
                                                 "default: the embedded tiny checkpoint, made on first use")
-    p.add_argument("--preset", default=None, choices=list(PRESETS), help="default: detected from the weights")
+    p.add_argument("--preset", default=None, choices=[*PRESETS, *COG_PRESETS], help="default: detected from the "
+                   "weights; without --ckpt a tiny preset picks its embedded checkpoint (cogvideox-tiny)")
     p.add_argument("--vae", default=None, help="VAE file (with a single-file --ckpt)")
     p.add_argument("--text-encoder", default=None, help="umt5 file or folder (with a single-file --ckpt)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (with a single-file --ckpt)")
@@ -62,7 +66,10 @@ def parse(argv=None):
     for name, typ in (("frames", int), ("height", int), ("width", int), ("steps", int), ("shift", float),
                       ("guidance-scale", float), ("fps", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
-    p.add_argument("--solver", default="unipc", choices=["unipc", "dpm++", "euler"])
+    p.add_argument("--solver", default=None, choices=[*SOLVERS, *COG_SOLVERS],
+                   help="default: the family's (Wan unipc; CogVideoX the preset's: ddim for 2B, dpm for 5B / 1.5)")
+    p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="CogVideoX dynamic CFG (default: the preset's, on)")
     p.add_argument("--method", default="cfg", choices=METHODS, help="guidance method (docs/methods.md)")
     p.add_argument("--stas", action="store_true", help="add STAS (steer MA channels on F0 and B(p) tokens)")
     add_guidance_args(p)
@@ -76,27 +83,29 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    ckpt = args.ckpt or (None if args.ckpt_high or args.ckpt_low else tiny_checkpoint())
+    ckpt = args.ckpt or (None if args.ckpt_high or args.ckpt_low else tiny_default(args.preset))
     found = find_checkpoint(ckpt, args.vae, args.text_encoder, args.tokenizer, args.ckpt_high, args.ckpt_low)
     preset = detect_preset(found, args.preset)  # cheap checks first: headers only
-    defaults = PRESETS[preset]
+    family = family_of(preset)
+    defaults = family.presets[preset]
     run = SampleConfig.from_preset(defaults, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
                                    height=args.height, width=args.width, steps=args.steps, shift=args.shift,
-                                   solver=args.solver, seed=args.seed, fps=args.fps)
+                                   solver=args.solver, seed=args.seed, fps=args.fps, dynamic_cfg=args.dynamic_cfg)
     image = None
     if args.image is not None or defaults.image == "concat":
         image, run = load_image_for(args.image, preset, run)
-    run.check(defaults.vae_stride[1] * defaults.config.patch_size[1])
+    run.check(family.stride(defaults), family)
     guidance = guidance_from_args(args, defaults)
     for g in (guidance.values() if isinstance(guidance, dict) else [guidance]):
         g.check(run.steps, defaults.config.num_layers, defaults.config.dim)
+        family.check_guidance(g)
     check_vae(found, preset)
     out = check_output(args.output, args.overwrite)
 
     start = time.perf_counter()
-    negative = NEGATIVE_PROMPT if run.negative_prompt is None else run.negative_prompt
+    negative = family.negative_prompt if run.negative_prompt is None else run.negative_prompt
     context = encode_prompts(found, preset, [run.prompt, negative], device=args.device)  # text encoder freed after
-    pipe = WanPipeline.load(ckpt, preset, args.vae, args.text_encoder, args.tokenizer, dtype=DTYPES[args.dtype],
+    pipe = Pipeline.load(ckpt, preset, args.vae, args.text_encoder, args.tokenizer, dtype=DTYPES[args.dtype],
                             device=args.device, with_text_encoder=False, ckpt_high=args.ckpt_high,
                             ckpt_low=args.ckpt_low, keep_experts=args.keep_experts)
     cond = {}
@@ -113,18 +122,26 @@ def main(argv=None):
     return out
 
 
+def tiny_default(preset: str | None) -> Path:
+    """The embedded checkpoint used without --ckpt: the tiny Wan, or for a tiny CogVideoX preset
+    (cogvideox-tiny, cogvideox-tiny-rope, cogvideox1.5-tiny) its own tiny diffusers folder in weights/<preset>."""
+    if preset in COG_PRESETS and "tiny" in preset:
+        return tiny_cogvideox_checkpoint(COG_TINY_DIR.parent / preset, preset=preset)
+    return tiny_checkpoint()
+
+
 def load_image_for(path, preset: str, run: SampleConfig):
     """Read and size the conditioning image for a preset; the run takes the image's output size (TI2V:
     best_output_size for the run's area; I2V-A14B: the official area-preserving size). Returns (image (3, H, W)
     in [-1, 1], run). Raises ValueError for a model without image conditioning or a missing / unreadable file."""
-    p = PRESETS[preset]
+    p = family_of(preset).presets[preset]
     if p.image is None:
         raise ValueError(f"--image: {preset} is a text-to-video model; image conditioning needs wan2.2-ti2v-5b or "
                          "wan2.2-i2v-a14b")
     if path is None:
         raise ValueError(f"{preset} is an image-to-video model: pass --image PATH")
     img = conditioning.open_image(path)
-    stride = p.vae_stride[1] * p.config.patch_size[1]
+    stride = family_of(preset).stride(p)
     if p.image == "first_frame":
         x = conditioning.ti2v_image(img, run.height, run.width, stride)
     else:
