@@ -11,6 +11,13 @@ size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) and its resident size just be
 interpreter, torch and the 508 MB of weights). "peak - out" subtracts the output video; "decode extra" =
 peak - base - out is what decoding held beyond its result: for a streaming decoder it stays flat as the
 number of frames grows.
+
+Measured (2026-12-02, AMD EPYC, AVX-512, 2 threads, machine shared with other jobs; CogVideoX, latent 8x8,
+`--family cogvideox --mmap-threshold 1048576`): decode extra minivdit 232 MB at 3 latent frames and 263 MB at 13
+(flat), diffusers 291 -> 381-386 MB; peak RSS 1281 / 1314 MB vs 1548 / 1640 MB (diffusers / minivdit 1.21x, 1.25x).
+Without the threshold glibc's heap fragmentation adds noise: minivdit 302 / 603 MB, diffusers 328 / 950 MB. Time
+ratios swung with the machine's load (diffusers / minivdit 0.72-1.14x at 3 latents, 0.32-0.91x at 13); one decoder
+batch profiled back to back took 9.7-10.5 s (minivdit) vs 14.6-15.5 s (diffusers).
 """
 import argparse
 import json
