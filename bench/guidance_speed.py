@@ -24,6 +24,7 @@ cost over CFG is b / N of one forward, i.e. a ratio to CFG of 1 + (b / N) / 2. T
 plain [cond, uncond] forward (ours / diffusers).
 """
 import argparse
+from dataclasses import replace
 import statistics
 import sys
 import time
@@ -123,11 +124,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers reference forward")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma subset of {', '.join(METHODS)}")
+    p.add_argument("--layers", type=int, default=None, help="blocks to build (default: the preset's); a per-block "
+                                                             "ratio at real width for models too big for this machine")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     preset = PRESETS[args.preset]
-    c = preset.config
+    c = preset.config if args.layers is None else replace(preset.config, num_layers=args.layers)
 
     torch.manual_seed(0)
     keep = lambda name: any(s in name for s in WanModel.keep_fp32)  # what load_wan keeps float32
@@ -142,8 +146,8 @@ def main(argv=None):
           f"tokens; context {tuple(context.shape)}; {torch.get_num_threads()} threads; median of {args.reps} after "
           f"{args.warmup} warm-up", flush=True)
 
-    guidances = {label: from_preset(preset, method, stas=stas, **over)
-                 for label, (method, stas, over) in METHODS.items()}
+    guidances = {label: from_preset(preset, *METHODS[label][:2], **METHODS[label][2])
+                 for label in args.methods.split(",")}
     t2 = torch.full((2,), 999, dtype=torch.int64)
     x2 = x.expand(2, *x.shape[1:])  # (2, C, F, H, W): the [cond, uncond] rows
     with torch.no_grad():

@@ -15,6 +15,15 @@ decoding held beyond its result: for a streaming decoder it stays flat as the nu
 wall time, "cpu s" the process's user + system time over all its threads, the fairer measure when other work shares
 the machine (check the load). The two implementations alternate per frame count, so a change in machine load hits
 both alike.
+
+Measured (2026-12-02, AMD EPYC, AVX-512, 2 threads, machine shared with other jobs):
+- CogVideoX, latent 8x8, `--vae cogvideox --mmap-threshold 1048576`: decode extra minivdit 232 MB at 3 latent frames
+  and 263 MB at 13 (flat), diffusers 291 -> 381-386 MB; peak RSS minivdit 1281 / 1314 MB vs diffusers 1548 / 1640 MB.
+  Without the threshold glibc's heap fragmentation adds noise (minivdit 302 / 603 MB, diffusers 328 / 950 MB). Time
+  ratios swung with the machine's load; one decoder batch profiled back to back took 9.7-10.5 s (minivdit) vs
+  14.6-15.5 s (diffusers).
+- Wan2.2, latent 4x4, `--vae wan2.2`: peak RSS minivdit / diffusers 0.95x at 5 and 0.94x at 21 latent frames
+  (3252 -> 3258 MB: flat), CPU time 1.03x / 1.01x.
 """
 import argparse
 import json
