@@ -98,7 +98,7 @@ def ints(s) -> tuple[int, ...]:
 
 
 # Every method parameter a sampling script exposes: (name, type, the method it belongs to, help). One table for
-# t2v.py and compare.py; `from_preset` refuses a parameter whose method is not in the run.
+# sample.py and compare.py; `from_preset` refuses a parameter whose method is not in the run.
 OPTIONS = (
     ("stas_alpha", float, "stas", "STAS max rule (Eq. 5): h <- alpha * max_j |h[j, d]| * sign(h), alpha >= 0"),
     ("stas_p", float, "stas", "STAS boundary width p, percent of a latent frame's tokens per side, in [0, 50]"),

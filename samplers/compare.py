@@ -38,7 +38,7 @@ from minivdit.pipeline import (DTYPES, SOLVERS, SampleConfig, WanPipeline, check
 from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
 from minivdit.wan import PRESETS  # noqa: E402
-from samplers.t2v import add_guidance_args  # noqa: E402
+from samplers.sample import add_guidance_args  # noqa: E402
 
 KEYS = ("method", "prompt", "seed")
 COST = ("passes_per_step", "seconds_per_step", "overhead_vs_cfg")
@@ -83,7 +83,7 @@ def parse(argv=None):
                       ("fps", int), ("guidance-scale", float)):
         p.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
     p.add_argument("--solver", default="unipc", choices=list(SOLVERS))
-    add_guidance_args(p)  # every option of guidance.OPTIONS, as in t2v.py; each goes to the methods that use it
+    add_guidance_args(p)  # every option of guidance.OPTIONS, as in sample.py; each goes to the methods that use it
     for kind, (_, _, what) in BACKBONES.items():
         p.add_argument(f"--{kind}", default=None, metavar="DIR", help=f"local {what} folder: adds its frame-pair "
                                                                        "similarity (STAS Table 2)")

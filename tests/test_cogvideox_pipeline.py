@@ -1,6 +1,6 @@
 """CogVideoX in the one sampling loop: whole 3-step CFG loops against diffusers' CogVideoXPipeline (DDIM on a
 2B-style tiny, DPM with a seeded generator on a 5B-style tiny, with and without dynamic CFG), STAS / DG / STG through
-the loop, the seeded noise draw, the tiny CogVideoX checkpoint end to end through samplers/t2v.py, and bad input."""
+the loop, the seeded noise draw, the tiny CogVideoX checkpoint end to end through samplers/sample.py, and bad input."""
 import json
 import math
 
@@ -16,7 +16,7 @@ from minivdit.guidance import Guidance, from_preset
 from minivdit.interventions import Steer, Zero
 from minivdit.pipeline import (COGVIDEOX, Pipeline, SampleConfig, find_checkpoint, detect_preset,
                                tiny_cogvideox_checkpoint)
-from samplers import t2v
+from samplers import sample
 
 # diffusers constructor arguments written out here (as tests/test_cogvideox.py), not taken from minivdit
 BASE = dict(num_attention_heads=4, attention_head_dim=16, time_embed_dim=32, text_embed_dim=32, in_channels=16,
@@ -182,7 +182,7 @@ def test_padded_latent_frame_dropped():
     assert seen[0] == (1, 16, 4, 16, 16) and tuple(out.shape) == (1, 16, 3, 16, 16)
 
 
-# --- the tiny CogVideoX checkpoint through samplers/t2v.py ---------------------------------------------------------
+# --- the tiny CogVideoX checkpoint through samplers/sample.py ---------------------------------------------------------
 
 
 def test_tiny_cogvideox_checkpoint_is_deterministic(tmp_path):
@@ -197,14 +197,14 @@ def test_tiny_cogvideox_checkpoint_is_deterministic(tmp_path):
 def test_t2v_end_to_end_on_tiny_cogvideox(tmp_path):
     ckpt = tiny_cogvideox_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "v.mp4"
-    t2v.main(["--ckpt", str(ckpt), "--output", str(out), "--steps", "3"])
+    sample.main(["--ckpt", str(ckpt), "--output", str(out), "--steps", "3"])
     frames = np.stack([f for f in imageio.get_reader(out)])
     assert frames.shape == (9, 64, 96, 3)
     meta = json.loads(out.with_suffix(".json").read_text())
     assert (meta["family"], meta["preset"], meta["solver"], meta["dynamic_cfg"], meta["shift"]) == \
         ("CogVideoX", "cogvideox-tiny", "ddim", True, None)
     assert meta["negative_prompt"] == "" and meta["steps"] == 3 and meta["guidance_scale"] == 6.0
-    t2v.main(["--ckpt", str(ckpt), "--output", str(out), "--steps", "2", "--solver", "dpm", "--no-dynamic-cfg",
+    sample.main(["--ckpt", str(ckpt), "--output", str(out), "--steps", "2", "--solver", "dpm", "--no-dynamic-cfg",
               "--method", "stg", "--overwrite"])
     meta = json.loads(out.with_suffix(".json").read_text())
     assert (meta["solver"], meta["dynamic_cfg"], meta["guidance"]["method"]) == ("dpm", False, "stg")
@@ -220,15 +220,15 @@ def test_t2v_end_to_end_on_tiny_cogvideox(tmp_path):
 ])
 def test_bad_request_refused_before_heavy_work(tmp_path, monkeypatch, args, match):
     ckpt = tiny_cogvideox_checkpoint(tmp_path / "ckpt")
-    monkeypatch.setattr(t2v, "encode_prompts", lambda *a, **k: pytest.fail("encoded before the checks"))
+    monkeypatch.setattr(sample, "encode_prompts", lambda *a, **k: pytest.fail("encoded before the checks"))
     with pytest.raises(ValueError, match=match):
-        t2v.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "o.mp4"), *args])
+        sample.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "o.mp4"), *args])
 
 
 def test_wan_run_refuses_dynamic_cfg(tmp_path):
     from minivdit.pipeline import tiny_checkpoint
     with pytest.raises(ValueError, match="dynamic CFG"):
-        t2v.main(["--ckpt", str(tiny_checkpoint(tmp_path / "w")), "--output", str(tmp_path / "o.mp4"),
+        sample.main(["--ckpt", str(tiny_checkpoint(tmp_path / "w")), "--output", str(tmp_path / "o.mp4"),
                   "--dynamic-cfg"])
 
 

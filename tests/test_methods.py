@@ -13,7 +13,7 @@ from minivdit.interventions import Perturb, Steer, TokenLayout, Zero
 from minivdit.pipeline import SampleConfig, WanPipeline
 from minivdit.cogvideox import PRESETS as COG_PRESETS
 from minivdit.wan import PRESETS
-from samplers import compare, t2v
+from samplers import compare, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 WAN = [name for name in PRESETS if name.startswith("wan")]
@@ -64,7 +64,7 @@ def test_apg_norm_threshold_matches_alg1_over_two_steps():
 
 
 def test_apg_threshold_runs_through_the_sample_script(tmp_path):
-    out = t2v.main(["--method", "apg", "--apg-norm-threshold", "1.0", "--steps", "2", "--frames", "5",
+    out = sample.main(["--method", "apg", "--apg-norm-threshold", "1.0", "--steps", "2", "--frames", "5",
                     "--height", "32", "--width", "32", "--output", str(tmp_path / "apg.mp4")])
     assert out.exists() and '"apg_norm_threshold": 1.0' in out.with_suffix(".json").read_text()
 
@@ -171,9 +171,9 @@ def test_stas_switches_off_after_step_k_in_the_loop(pipe):
 
 
 def test_stg_rescale_flag_and_domain():
-    assert t2v.parse(["--method", "stg", "--stg-rescale"]).stg_rescale == STG_RESCALE_ON == 0.7
-    assert t2v.parse(["--method", "stg", "--stg-rescale", "0.3"]).stg_rescale == 0.3
-    assert t2v.parse([]).stg_rescale is None
+    assert sample.parse(["--method", "stg", "--stg-rescale"]).stg_rescale == STG_RESCALE_ON == 0.7
+    assert sample.parse(["--method", "stg", "--stg-rescale", "0.3"]).stg_rescale == 0.3
+    assert sample.parse([]).stg_rescale is None
     with pytest.raises(ValueError, match="'stg' only"):
         Guidance(method="stg-official", stg_blocks=(2,), stg_rescale=0.7)
     c, u, p = (torch.randn(2, 4, 2, 3, 3, generator=torch.Generator().manual_seed(k)) for k in range(3))
@@ -203,7 +203,7 @@ def test_every_guidance_option_reachable_from_both_scripts():
     values = {"stas_tokens": "first", "stas_rule": "scaling", "stg_mode": "A"}
     for name, *_ in OPTIONS:
         flag, value = "--" + name.replace("_", "-"), values.get(name, "1")
-        assert getattr(t2v.parse([flag, value]), name) is not None, name
+        assert getattr(sample.parse([flag, value]), name) is not None, name
         assert getattr(compare.parse([flag, value]), name) is not None, name
 
 

@@ -12,7 +12,7 @@ from minivdit.checkpoints import CheckpointError
 from minivdit.guidance import Guidance
 from minivdit.pipeline import SampleConfig, WanPipeline, find_checkpoint, tiny_checkpoint
 from minivdit.wan import load_wan
-from samplers import t2v
+from samplers import sample
 
 
 def diffusers_loop(transformer, context, latents, steps, shift, guidance_scale):
@@ -78,7 +78,7 @@ def test_tiny_checkpoint_is_deterministic(tmp_path):
 
 def test_t2v_end_to_end_on_the_tiny_default(tmp_path):
     out = tmp_path / "v.mp4"
-    t2v.main(["--ckpt", str(tiny_checkpoint(tmp_path / "ckpt")), "--output", str(out), "--steps", "3",
+    sample.main(["--ckpt", str(tiny_checkpoint(tmp_path / "ckpt")), "--output", str(out), "--steps", "3",
               "--frames", "5", "--height", "32", "--width", "48"])
     frames = np.stack([f for f in imageio.get_reader(out)])
     assert frames.shape == (5, 32, 48, 3)
@@ -88,9 +88,9 @@ def test_t2v_end_to_end_on_the_tiny_default(tmp_path):
         assert key in meta, key
     assert meta["preset"] == "wan2.1-tiny" and meta["layout"] == "native" and meta["steps"] == 3
     with pytest.raises(FileExistsError, match="--overwrite"):
-        t2v.main(["--ckpt", str(tmp_path / "ckpt"), "--output", str(out)])
+        sample.main(["--ckpt", str(tmp_path / "ckpt"), "--output", str(out)])
     before = out.read_bytes()
-    t2v.main(["--ckpt", str(tmp_path / "ckpt"), "--output", str(out), "--steps", "2", "--frames", "5",
+    sample.main(["--ckpt", str(tmp_path / "ckpt"), "--output", str(out), "--steps", "2", "--frames", "5",
               "--height", "32", "--width", "48", "--seed", "1", "--overwrite"])
     assert out.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
@@ -106,19 +106,19 @@ def test_t2v_end_to_end_on_the_tiny_default(tmp_path):
 ])
 def test_bad_request(tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
-        t2v.main(["--ckpt", str(tiny_checkpoint(tmp_path / "ckpt")), "--output", str(tmp_path / "o.mp4"), *args])
+        sample.main(["--ckpt", str(tiny_checkpoint(tmp_path / "ckpt")), "--output", str(tmp_path / "o.mp4"), *args])
 
 
 def test_missing_empty_and_incomplete_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="no such"):
-        t2v.main(["--ckpt", str(tmp_path / "nowhere")])
+        sample.main(["--ckpt", str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty"):
-        t2v.main(["--ckpt", str(tmp_path / "empty")])
+        sample.main(["--ckpt", str(tmp_path / "empty")])
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     (ckpt / "Wan2.1_VAE.pth").unlink()
     with pytest.raises(CheckpointError, match="missing vae"):
-        t2v.main(["--ckpt", str(ckpt)])
+        sample.main(["--ckpt", str(ckpt)])
 
 
 def test_checkpoint_of_another_size(tmp_path):

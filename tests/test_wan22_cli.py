@@ -1,4 +1,4 @@
-"""samplers/t2v.py on Wan2.2: end to end on tiny A14B checkpoints, and bad input refused with a one-line error
+"""samplers/sample.py on Wan2.2: end to end on tiny A14B checkpoints, and bad input refused with a one-line error
 before any heavy work, leaving no output file."""
 import json
 import shutil
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from minivdit.pipeline import tiny_checkpoint
-from samplers import t2v
+from samplers import sample
 
 SMALL = ["--steps", "4", "--shift", "5", "--frames", "5", "--height", "32", "--width", "32"]
 
@@ -28,7 +28,7 @@ def ckpts(tmp_path_factory):
 
 def test_t2v_a14b_end_to_end(ckpts, tmp_path):
     out = tmp_path / "a.mp4"
-    t2v.main(["--ckpt", str(ckpts["wan2.2-t2v-a14b-tiny"]), "--output", str(out), *SMALL])
+    sample.main(["--ckpt", str(ckpts["wan2.2-t2v-a14b-tiny"]), "--output", str(out), *SMALL])
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["preset"] == "wan2.2-t2v-a14b-tiny" and meta["expert_steps"] == ["high", "high", "low", "low"]
     assert meta["guidance_scale"] == {"high": 4.0, "low": 3.0} and meta["keep_experts"] is False
@@ -40,7 +40,7 @@ def test_i2v_a14b_end_to_end_with_an_image(ckpts, tmp_path):
     whatever i2v_size gives; the video has that size and the sidecar names the image."""
     from minivdit.conditioning import i2v_size
     out = tmp_path / "i.mp4"
-    t2v.main(["--ckpt", str(ckpts["wan2.2-i2v-a14b-tiny"]), "--image", str(ckpts["image"]), "--output", str(out),
+    sample.main(["--ckpt", str(ckpts["wan2.2-i2v-a14b-tiny"]), "--image", str(ckpts["image"]), "--output", str(out),
               *SMALL])
     h, w = i2v_size(56, 40, 32 * 32)
     assert np.stack([f for f in imageio.get_reader(out)]).shape == (5, h, w, 3)
@@ -51,7 +51,7 @@ def test_i2v_a14b_end_to_end_with_an_image(ckpts, tmp_path):
 def test_single_expert_files_and_keep_experts(ckpts, tmp_path):
     c = ckpts["wan2.2-t2v-a14b-tiny"]
     out = tmp_path / "c.mp4"
-    t2v.main(["--ckpt-high", str(c / "high_noise_model" / "diffusion_pytorch_model.safetensors"),
+    sample.main(["--ckpt-high", str(c / "high_noise_model" / "diffusion_pytorch_model.safetensors"),
               "--ckpt-low", str(c / "low_noise_model" / "diffusion_pytorch_model.safetensors"),
               "--vae", str(c / "Wan2.1_VAE.pth"), "--text-encoder", str(c / "models_t5_umt5-xxl-enc-bf16.pth"),
               "--tokenizer", str(c / "google" / "umt5-xxl"), "--keep-experts", "--output", str(out), *SMALL])
@@ -62,7 +62,7 @@ def test_single_expert_files_and_keep_experts(ckpts, tmp_path):
 def bad(ckpts, tmp_path, args, match, exc=ValueError):
     out = tmp_path / "o.mp4"
     with pytest.raises(exc, match=match) as e:
-        t2v.main([*args, "--output", str(out)])
+        sample.main([*args, "--output", str(out)])
     assert "\n" not in str(e.value)  # one line
     assert not out.exists() and not out.with_suffix(".json").exists()
 
@@ -106,7 +106,7 @@ def test_ti2v_end_to_end(ckpts, tmp_path, image):
     the run's size (T2V) or the official best_output_size of the image for the run's area (I2V)."""
     out = tmp_path / "t.mp4"
     extra = ["--image", str(ckpts["image"])] if image else []
-    t2v.main(["--ckpt", str(ckpts["wan2.2-ti2v-tiny"]), *extra, "--output", str(out), *SMALL, "--height", "64",
+    sample.main(["--ckpt", str(ckpts["wan2.2-ti2v-tiny"]), *extra, "--output", str(out), *SMALL, "--height", "64",
               "--width", "64"])
     frames = np.stack([f for f in imageio.get_reader(out)])
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -139,7 +139,7 @@ def test_stas_on_a14b_without_channels(ckpts, tmp_path):
 def test_stas_on_one_a14b_expert(ckpts, tmp_path):
     """With channels given, --steer-experts picks the experts STAS steers; the sidecar records it per expert."""
     out = tmp_path / "s.mp4"
-    t2v.main(["--ckpt", str(ckpts["wan2.2-t2v-a14b-tiny"]), "--stas", "--stas-dims", "3", "--stas-block", "1",
+    sample.main(["--ckpt", str(ckpts["wan2.2-t2v-a14b-tiny"]), "--stas", "--stas-dims", "3", "--stas-block", "1",
               "--stas-steps", "2", "--steer-experts", "high", "--output", str(out), *SMALL])
     g = json.loads(out.with_suffix(".json").read_text())["guidance"]
     assert g["high"]["stas"]["dims"] == [3] and g["high"]["stas_steps"] == 2 and g["low"]["stas"] is None

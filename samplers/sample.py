@@ -1,13 +1,13 @@
 """Text (and image) to video with Wan2.1 / Wan2.2 and CogVideoX: a prompt in, an mp4 and its JSON sidecar out.
 
-    python samplers/t2v.py                                   # embedded tiny default (noise-like, checks the machinery)
-    python samplers/t2v.py --preset cogvideox-tiny           # the embedded tiny CogVideoX (diffusers layout)
-    python samplers/t2v.py --ckpt weights/CogVideoX-5b --frames 49 --height 480 --width 720   # diffusers folder
-    python samplers/t2v.py --ckpt weights/Wan2.1-T2V-1.3B --prompt "A cat walks on the grass" \
+    python samplers/sample.py                                   # embedded tiny default (noise-like, checks the machinery)
+    python samplers/sample.py --preset cogvideox-tiny           # the embedded tiny CogVideoX (diffusers layout)
+    python samplers/sample.py --ckpt weights/CogVideoX-5b --frames 49 --height 480 --width 720   # diffusers folder
+    python samplers/sample.py --ckpt weights/Wan2.1-T2V-1.3B --prompt "A cat walks on the grass" \
         --frames 33 --height 480 --width 832 --output outputs/cat.mp4
-    python samplers/t2v.py --ckpt weights/Wan2.2-TI2V-5B --image cat.jpg ...        # TI2V: image as frame 0
-    python samplers/t2v.py --ckpt weights/Wan2.2-T2V-A14B ...                       # two experts, one resident
-    python samplers/t2v.py --ckpt-high high.safetensors --ckpt-low low.safetensors --vae ... --text-encoder ... \
+    python samplers/sample.py --ckpt weights/Wan2.2-TI2V-5B --image cat.jpg ...        # TI2V: image as frame 0
+    python samplers/sample.py --ckpt weights/Wan2.2-T2V-A14B ...                       # two experts, one resident
+    python samplers/sample.py --ckpt-high high.safetensors --ckpt-low low.safetensors --vae ... --text-encoder ... \
         --tokenizer ...                                                             # ComfyUI expert files
 """
 import argparse
@@ -76,7 +76,7 @@ def parse(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="DiT weights dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", default="outputs/t2v.mp4")
+    p.add_argument("--output", default="outputs/sample.mp4")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
 
