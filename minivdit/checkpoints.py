@@ -142,6 +142,14 @@ def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     return LazySafetensors(safetensors_files(path))
 
 
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes=("vae.", "first_stage_model.")) -> Mapping[str, torch.Tensor]:
+    """`sd` without a prefix that every key carries (single-file VAEs saved as part of a larger model)."""
+    for prefix in prefixes:
+        if len(sd) and all(k.startswith(prefix) for k in sd):
+            return Renamed(sd, lambda k, n=len(prefix): k[n:])
+    return sd
+
+
 # ----------------------------------------------------------------------------------------------------------
 # loading
 

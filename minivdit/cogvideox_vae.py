@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .checkpoints import CheckpointError, Renamed, load_strict, read_state_dict
+from .checkpoints import CheckpointError, load_strict, read_state_dict, strip_prefix
 
 Cache = dict  # {causal conv: last 2 frames of its padded input}; one per encode / decode call
 
@@ -462,13 +462,8 @@ def load_cogvideox_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float
     config. Raises `CheckpointError` naming the file, the layout and any missing / unexpected / mis-shaped keys, and
     a clear one for a Wan VAE."""
     path = Path(path)
-    sd = read_state_dict(path)
+    sd = strip_prefix(read_state_dict(path))
     keys = list(sd)
-    for prefix in ("vae.", "first_stage_model."):
-        if keys and all(k.startswith(prefix) for k in keys):
-            keys = [k[len(prefix):] for k in keys]
-            sd = Renamed(sd, lambda k, n=len(prefix): k[n:])
-            break
     if "encoder.conv_in.conv.weight" not in sd or "decoder.conv_in.conv.weight" not in sd:
         wan = [k for k in _WAN_KEYS if k in sd]
         if wan:

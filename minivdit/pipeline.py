@@ -697,6 +697,23 @@ def sidecar(pipe: WanPipeline, run: SampleConfig, guidance: Guidance | Mapping[s
 # ----------------------------------------------------------------------------------------------------------
 # the embedded default: a tiny Wan-architecture checkpoint made deterministically on first use
 
+def write_once(root: str | Path, write) -> Path:
+    """Create the folder `root` once: write(tmp) fills a temporary sibling folder that is then renamed into place,
+    so a half-made checkpoint is never used; an existing non-empty `root` is returned as it is."""
+    root = Path(root)
+    if root.is_dir() and any(root.iterdir()):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        write(tmp)
+        if not root.exists():  # else another process finished first
+            tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
 TINY_DIR = Path(__file__).resolve().parent.parent / "weights" / "wan2.1-tiny"
 
 
@@ -714,12 +731,7 @@ def tiny_checkpoint(root: str | Path = TINY_DIR, seed: int = 0, preset: str = "w
 
     from .text import make_tiny_tokenizer, umt5_to_native
 
-    root = Path(root)
-    if root.is_dir() and any(root.iterdir()):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+    def write(tmp: Path):
         p = PRESETS[preset]
         c = p.config
         for k, sub in enumerate([e.folder for e in p.experts] or ["."]):
@@ -734,12 +746,7 @@ def tiny_checkpoint(root: str | Path = TINY_DIR, seed: int = 0, preset: str = "w
         tok = make_tiny_tokenizer(tmp / "google" / "umt5-xxl")
         enc = UMT5EncoderModel(tiny_umt5_config(len(tok)))
         torch.save(umt5_to_native(enc.state_dict()), tmp / "models_t5_umt5-xxl-enc-bf16.pth")
-        if root.exists():  # another process finished first
-            return root
-        tmp.rename(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return write_once(root, write)
 
 
 COG_TINY_DIR = Path(__file__).resolve().parent.parent / "weights" / "cogvideox-tiny"
@@ -758,12 +765,7 @@ def tiny_cogvideox_checkpoint(root: str | Path = COG_TINY_DIR, seed: int = 0, pr
     from .cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig, config_dict
     from .text import make_tiny_tokenizer
 
-    root = Path(root)
-    if root.is_dir() and any(root.iterdir()):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+    def write(tmp: Path):
         p = COG_PRESETS[preset]
         save = lambda m, sub, config: ((tmp / sub).mkdir(), save_file(  # noqa: E731
             {k: v.contiguous() for k, v in m.state_dict().items()}, tmp / sub / "diffusion_pytorch_model.safetensors"),
@@ -775,9 +777,4 @@ def tiny_cogvideox_checkpoint(root: str | Path = COG_TINY_DIR, seed: int = 0, pr
         save(CogVideoXVAE(vae_config), "vae", {"_class_name": "AutoencoderKLCogVideoX", **config_dict(vae_config)})
         tok = make_tiny_tokenizer(tmp / "tokenizer")
         T5EncoderModel(tiny_t5_config(len(tok))).save_pretrained(tmp / "text_encoder")
-        if root.exists():  # another process finished first
-            return root
-        tmp.rename(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return write_once(root, write)

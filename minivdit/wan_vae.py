@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
-from .checkpoints import CheckpointError, Renamed, load_strict, read_state_dict, shape_of
+from .checkpoints import CheckpointError, Renamed, load_strict, read_state_dict, shape_of, strip_prefix
 
 CACHE_T = 2  # frames of history each causal conv keeps (official CACHE_T)
 
@@ -527,13 +527,8 @@ def vae_from_diffusers(sd: Mapping[str, torch.Tensor], num_res_blocks: int = 2,
 def open_wan_vae(path: str | os.PathLike):
     """Read a Wan VAE checkpoint's keys and shapes, no weights: (native-named lazy state dict, layout, version
     'Wan2.1' | 'Wan2.2', dim, z_dim). Files accepted and errors raised: see `load_wan_vae`."""
-    sd = read_state_dict(path)
+    sd = strip_prefix(read_state_dict(path))
     keys = list(sd)
-    for prefix in ("vae.", "first_stage_model."):
-        if keys and all(k.startswith(prefix) for k in keys):
-            keys = [k[len(prefix):] for k in keys]
-            sd = Renamed(sd, lambda k, n=len(prefix): k[n:])
-            break
     if "decoder.conv_in.weight" in keys or "quant_conv.weight" in keys:
         layout, enc_in, post = "diffusers", "encoder.conv_in.weight", "post_quant_conv.weight"
     elif "decoder.conv1.weight" in keys or "conv1.weight" in keys:
