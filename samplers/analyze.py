@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from minivdit.analysis import MAStats, write_plots  # noqa: E402
 from minivdit.guidance import Guidance  # noqa: E402
-from minivdit.pipeline import SampleConfig, WanPipeline, tiny_checkpoint  # noqa: E402
+from minivdit.pipeline import SampleConfig, WanPipeline, family_of, tiny_checkpoint  # noqa: E402
 from minivdit.video import write_json  # noqa: E402
 
 
@@ -55,7 +55,8 @@ def main(argv=None):
     pick = lambda v, default: default if v is None else v
     runs = [SampleConfig.from_preset(d, t, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                                      shift=args.shift, seed=args.seed + k) for k, t in enumerate(prompts)]
-    runs[0].check()
+    family = family_of(pipe.info["preset"])
+    runs[0].check(family.stride(d), family)
     blocks = pick(args.blocks, list(range(c.num_layers)))
     if any(not 0 <= b < c.num_layers for b in blocks):
         raise ValueError(f"--blocks {blocks}: the model has blocks 0..{c.num_layers - 1}")
@@ -63,7 +64,7 @@ def main(argv=None):
         a1 = [(5, 15)] if runs[0].steps > 5 and 15 in blocks else []
     else:
         a1 = [] if args.a1 == "none" else [tuple(int(v) for v in pair.split(":")) for pair in args.a1.split(",")]
-    layout = pipe.model.layout(runs[0].latent_shape(c.out_dim, d.vae_stride))
+    layout = pipe.model.layout(family.latent(runs[0], d)[0])  # the latent the DiT runs on (CogVideoX1.5: padded)
     names = [e.name for e in d.experts] or [""]  # A14B: one set of statistics per expert (MA channels are per network)
     stats = {n: MAStats(layout, c.dim, blocks, runs[0].steps, p=args.p, a1_slots=a1) for n in names}
     guidance = {e.name: Guidance(method="cfg", guidance_scale=e.guidance_scale, capture=stats[e.name])

@@ -33,11 +33,10 @@ from minivdit.guidance import METHODS, OPTIONS, uses  # noqa: E402
 from minivdit.metrics import (BACKBONES, FIDELITY_METRICS, TRANSITION_METRICS, export_vbench,  # noqa: E402
                               load_backbone, mean_std, plot_summary, plot_transitions, transition_columns,
                               video_metrics)
-from minivdit.pipeline import (DTYPES, SOLVERS, SampleConfig, WanPipeline, check_vae, detect_preset,  # noqa: E402
-                               encode_prompts, find_checkpoint, guidance_for, noise, sidecar, tiny_checkpoint)
-from minivdit.text import NEGATIVE_PROMPT  # noqa: E402
+from minivdit.pipeline import (COG_SOLVERS, DTYPES, FAMILIES, SOLVERS, SampleConfig, WanPipeline,  # noqa: E402
+                               check_vae, detect_preset, encode_prompts, family_of, find_checkpoint, guidance_for,
+                               sidecar, tiny_checkpoint)
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
-from minivdit.wan import PRESETS  # noqa: E402
 from samplers.sample import add_guidance_args  # noqa: E402
 
 KEYS = ("method", "prompt", "seed")
@@ -78,11 +77,15 @@ def parse(argv=None):
     p.add_argument("--negative-prompt", default=None, help="default: the official Wan negative prompt")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma list of noise seeds (default: 5, the STAS protocol)")
     p.add_argument("--ckpt", default=None, help="checkpoint folder; default: the embedded tiny checkpoint")
-    p.add_argument("--preset", default=None, choices=list(PRESETS), help="default: detected from the weights")
+    p.add_argument("--preset", default=None, choices=[n for f in FAMILIES.values() for n in f.presets],
+                   help="default: detected from the weights")
     for name, typ in (("frames", int), ("height", int), ("width", int), ("steps", int), ("shift", float),
                       ("fps", int), ("guidance-scale", float)):
         p.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
-    p.add_argument("--solver", default="unipc", choices=list(SOLVERS))
+    p.add_argument("--solver", default=None, choices=[*SOLVERS, *COG_SOLVERS],
+                   help="default: the preset's (Wan: unipc; CogVideoX: ddim for 2B, dpm for 5B / 1.5)")
+    p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="CogVideoX: dynamic CFG (default: the preset's)")
     add_guidance_args(p)  # every option of guidance.OPTIONS, as in sample.py; each goes to the methods that use it
     for kind, (_, _, what) in BACKBONES.items():
         p.add_argument(f"--{kind}", default=None, metavar="DIR", help=f"local {what} folder: adds its frame-pair "
@@ -189,11 +192,12 @@ def main(argv=None):
     ckpt = args.ckpt or tiny_checkpoint()
     found = find_checkpoint(ckpt)  # cheap checks first
     preset = detect_preset(found, args.preset)  # from the DiT headers (A14B: both experts)
-    d, c = PRESETS[preset], PRESETS[preset].config
+    family = family_of(preset)
+    d, c = family.presets[preset], family.presets[preset].config
     run = SampleConfig.from_preset(d, "", negative_prompt=args.negative_prompt, frames=args.frames,
                                    height=args.height, width=args.width, steps=args.steps, shift=args.shift,
-                                   solver=args.solver, fps=args.fps)
-    run.check(d.vae_stride[1] * c.patch_size[1])
+                                   solver=args.solver, fps=args.fps, dynamic_cfg=args.dynamic_cfg)
+    run.check(family.stride(d), family)
     check_vae(found, preset)
     given = [name for name, *_ in OPTIONS if getattr(args, name) is not None]
     unused = [n for n in given if all(options_for(m, args).get(n) is None for m in labels)]
@@ -206,6 +210,7 @@ def main(argv=None):
     for g in guidances.values():
         for e in experts(g):
             e.check(run.steps, c.num_layers, c.dim)
+            family.check_guidance(e)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
@@ -216,7 +221,7 @@ def main(argv=None):
                  for kind in BACKBONES if getattr(args, kind)}  # before the DiT: a wrong folder fails early
     columns = metric_columns(backbones)
 
-    negative = NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    negative = family.negative_prompt if args.negative_prompt is None else args.negative_prompt
     contexts = encode_prompts(found, preset, [*prompts, negative], device=args.device)  # (P + 1, 512, text_dim)
     pipe = WanPipeline.load(ckpt, preset, dtype=DTYPES[args.dtype], device=args.device, with_text_encoder=False)
     stride = pipe.vae.time_factor  # the VAE's temporal stride: where the latent-chunk seams are
@@ -225,11 +230,10 @@ def main(argv=None):
         context = torch.stack([contexts[k], contexts[-1]])  # (2, 512, text_dim): [cond, uncond], shared by methods
         for sample, seed in enumerate(seeds):
             r = replace(run, prompt=prompt, seed=seed)
-            x = noise(r.latent_shape(c.out_dim, d.vae_stride), seed)  # the same initial noise for every method
             folder, videos, runs = out / f"p{k}_s{seed}", {}, []
             for m, g in guidances.items():
                 stamps = [time.perf_counter()]
-                latent = pipe.sample(r, g, context=context, x=x.clone(), progress=False,
+                latent = pipe.sample(r, g, context=context, progress=False,  # noise from r.seed: the same for every method
                                      callback=lambda info: stamps.append(time.perf_counter()))
                 per_step = np.diff(stamps)[1 if r.steps > 1 else 0:]  # step 1 is warm-up
                 videos[m] = to_uint8(pipe.vae.decode(latent)[0])  # (T, H, W, 3) uint8

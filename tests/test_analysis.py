@@ -244,3 +244,19 @@ def test_analyze_script_on_wan22(tmp_path, capsys, preset):
     assert steps["high"] and steps["low"] and max(steps["high"]) < min(steps["low"])  # high first, then low
     assert sorted(steps["high"] + steps["low"]) == [0, 1, 2, 3]
     assert all(report["experts"][n]["run"]["expert"] == n and (tmp_path / "ma" / n).is_dir() for n in steps)
+
+
+def test_analyze_script_on_cogvideox(tmp_path):
+    """MA statistics over CogVideoX's joint stream: the token layout carries the 226-token text prefix."""
+    import sys
+    from pathlib import Path
+
+    from minivdit.pipeline import tiny_cogvideox_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "samplers"))
+    import analyze
+
+    report = analyze.main(["--ckpt", str(tiny_cogvideox_checkpoint(tmp_path / "cog")), "--steps", "2",
+                           "--blocks", "0", "1", "--out", str(tmp_path / "ma")])
+    assert report["protocol"]["tokens"] == 226 + 3 * (64 // 16) * (96 // 16)  # text + 3 latent frames of 4 x 6
+    assert report["run"]["preset"] == "cogvideox-tiny" and len(report["slots"]) == 2 * 2

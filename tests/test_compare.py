@@ -194,3 +194,18 @@ def test_compare_runs_wan22(tmp_path, preset):
     assert [r["method"] for r in rows] == ["cfg", "stg"] and rows[1]["passes_per_step"] == 3
     meta = json.loads((tmp_path / "o" / "p0_s0" / "stg.json").read_text())
     assert meta["preset"] == preset and (meta["height"], meta["width"]) == (64, 64)
+
+
+def test_compare_runs_cogvideox(tmp_path):
+    """The comparison runner on the tiny CogVideoX (v-prediction, DDIM, dynamic CFG, STAS on the video tokens)."""
+    from minivdit.pipeline import tiny_cogvideox_checkpoint
+
+    ckpt = tiny_cogvideox_checkpoint(tmp_path / "cog")
+    rows = compare.main(["--ckpt", str(ckpt), "--methods", "cfg,stg,cfg+stas", "--stas-steps", "2", "--seeds", "0",
+                         "--steps", "2", "--out", str(tmp_path / "o")])
+    assert [r["method"] for r in rows] == ["cfg", "stg", "cfg+stas"]
+    meta = json.loads((tmp_path / "o" / "p0_s0" / "cfg+stas.json").read_text())
+    assert meta["preset"] == "cogvideox-tiny" and meta["solver"] == "ddim" and meta["negative_prompt"] == ""
+    with pytest.raises(ValueError, match="v-prediction"):
+        compare.main(["--ckpt", str(ckpt), "--methods", "cfg,apg", "--seeds", "0", "--steps", "2",
+                      "--out", str(tmp_path / "o2")])
