@@ -221,9 +221,10 @@ class WanModel(nn.Module):
 
         dtype = self.patch_embedding.weight.dtype  # the parameter dtype of the matrix products
         h = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).float()  # (B, L, dim) float32 residual
-        t = t.reshape(b, -1)  # (B, 1) or (B, L)
-        e = self.time_embedding(sinusoidal_embedding(t, c.freq_dim).float())  # (B, 1 or L, dim) float32
-        e0 = self.time_projection(e).unflatten(-1, (6, c.dim))  # (B, 1 or L, 6, dim)
+        t, index = torch.unique(t.reshape(b, -1), return_inverse=True)  # the distinct timesteps (TI2V: 0 and t)
+        e = self.time_embedding(sinusoidal_embedding(t, c.freq_dim).float())  # (U, dim) float32
+        e0 = self.time_projection(e).unflatten(-1, (6, c.dim))  # (U, 6, dim)
+        e, e0 = e[index], e0[index]  # (B, 1 or L, dim), (B, 1 or L, 6, dim): the time MLP ran once per distinct t
         context = self.text_embedding(context.to(dtype))  # (B, text_len, dim)
         rope = rope_angles(grid, c.dim // c.num_heads, device=x.device)
 
