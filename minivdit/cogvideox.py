@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention import attention
+from . import distributed
+from .attention import ulysses_attention
 from .checkpoints import CheckpointError, LazySafetensors, check_keys, load_strict, safetensors_files, shape_of
 from .interventions import Perturb, TokenLayout, run_blocks
 
@@ -172,7 +173,8 @@ class Attention(nn.Module):
         if rope is not None:  # video rows only: the text prefix has no position
             q = torch.cat([q[:, :text_len], apply_rope(q[:, text_len:], *rope)], dim=1)
             k = torch.cat([k[:, :text_len], apply_rope(k[:, text_len:], *rope)], dim=1)
-        return self.to_out[0](attention(q, k, v, identity_from=text_len if identity else None))
+        # the text rows are on every rank, the video rows split under sequence parallel (= attention on 1 rank)
+        return self.to_out[0](ulysses_attention(q, k, v, identity_from=text_len if identity else None, keep=text_len))
 
 
 class GELU(nn.Module):
@@ -382,12 +384,17 @@ class CogVideoXModel(nn.Module):
             table = sincos_table(grid, c.dim, c.spatial_interpolation_scale, c.temporal_interpolation_scale, x.device)
             h = torch.cat([h[:, :layout.text_len], h[:, layout.text_len:] + table.to(dtype)], dim=1)
 
+        # sequence parallel: the text on every rank, this rank's video tokens and their global positions
+        h = distributed.shard(h, keep=layout.text_len)
+        rope = None if rope is None else tuple(distributed.shard(r, dim=0) for r in rope)
+
         def run(i, h, cond, identity):
             return self.transformer_blocks[i](h, cond[0], layout.text_len, rope, identity_attn=identity)
 
         h, (emb,) = run_blocks(run, len(self.transformer_blocks), h, (emb,), perturb, branches, layout)
         v = self.norm_out(self.norm_final(h[:, layout.text_len:]), emb)  # video tokens only: the text is dropped
         out = self.proj_out(v)  # (B', L, out_channels * pt * p * p), features (c, pt, ph, pw), c slowest
+        out = distributed.gather(out)  # sequence parallel: all ranks' video tokens (one process: unchanged)
         p = c.patch_size
         out = rearrange(out, "b (f h w) (c pt ph pw) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], w=grid[2],
                         pt=layout.patch_t, ph=p, pw=p)  # (B', out_channels, F, H, W)

@@ -21,6 +21,8 @@ from functools import lru_cache
 
 import torch
 
+from . import distributed
+
 TOKEN_SETS = ("first", "boundary", "first+boundary")
 RULES = ("max", "scaling")
 
@@ -134,10 +136,12 @@ class Steer:
         if not self.dims:
             return h
         s, m = _tokens(layout, self.tokens, self.p).to(h.device), list(self.dims)
+        s = distributed.local_index(s, layout.num_tokens, layout.text_len)  # sequence parallel: S's rows held here
         hm = h[:, :, m]  # (B, L, |M|)
         if self.rule == "max":
             peak = hm[:, layout.text_len:].abs().amax(dim=1, keepdim=True)  # (B, 1, |M|): per sample and channel,
-            # over the video tokens only
+            # over the video tokens only (sequence parallel: the max over all ranks' tokens)
+            peak = distributed.all_max(peak)
             new = self.alpha * peak * torch.sign(hm[:, s])  # (B, |S|, |M|)
         else:
             new = (1 + self.omega) * hm[:, s]
@@ -193,8 +197,8 @@ class Perturb:
         """Apply this pass's edits to the output h (B, L, D) of block i, then capture it."""
         for edit in self.edits(i):
             h = edit(h, layout)
-        if self.capture is not None:
-            self.capture(i, h)
+        if self.capture is not None:  # sequence parallel: the whole sequence, gathered from all ranks
+            self.capture(i, distributed.gather(h, keep=layout.text_len))
         return h
 
 

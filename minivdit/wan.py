@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from .attention import attention
+from . import distributed
+from .attention import attention, ulysses_attention
 from .checkpoints import CheckpointError, LazySafetensors, Renamed, load_strict, safetensors_files, shape_of
 from .interventions import Perturb, TokenLayout, run_blocks
 
@@ -101,7 +102,9 @@ class Attention(nn.Module):
         q, k = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(kv)))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.o(attention(q, k, v))
+        if context is not None:  # cross-attention to the text: local to each token, also under sequence parallel
+            return self.o(attention(q, k, v))
+        return self.o(ulysses_attention(q, k, v))  # self-attention over all video tokens (= attention on 1 rank)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,18 +225,21 @@ class WanModel(nn.Module):
         dtype = self.patch_embedding.weight.dtype  # the parameter dtype of the matrix products
         h = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).float()  # (B, L, dim) float32 residual
         t, index = torch.unique(t.reshape(b, -1), return_inverse=True)  # the distinct timesteps (TI2V: 0 and t)
+        index = distributed.shard(index) if index.shape[1] > 1 else index  # per-token t: this rank's tokens
         e = self.time_embedding(sinusoidal_embedding(t, c.freq_dim).float())  # (U, dim) float32
         e0 = self.time_projection(e).unflatten(-1, (6, c.dim))  # (U, 6, dim)
         e, e0 = e[index], e0[index]  # (B, 1 or L, dim), (B, 1 or L, 6, dim): the time MLP ran once per distinct t
         context = self.text_embedding(context.to(dtype))  # (B, text_len, dim)
         rope = rope_angles(grid, c.dim // c.num_heads, device=x.device)
+        # sequence parallel: this rank's tokens and their global positions (one process: unchanged)
+        h, rope = distributed.shard(h), tuple(distributed.shard(r, dim=0) for r in rope)
 
         def run(i, h, cond, identity):
             e, e0, context = cond
             return self.blocks[i](h, e0, context, rope, identity_attn=identity)
 
         h, (e, _, _) = run_blocks(run, len(self.blocks), h, (e, e0, context), perturb, branches, layout)
-        out = self.head(h, e)  # (B + branches, L, prod(patch) * out_dim)
+        out = distributed.gather(self.head(h, e))  # (B + branches, L, prod(patch) * out_dim), all ranks' tokens
         pt, ph, pw = c.patch_size
         out = rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
                         f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)  # (B', out_dim, F, H, W)

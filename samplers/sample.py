@@ -9,8 +9,12 @@
     python samplers/sample.py --ckpt weights/Wan2.2-T2V-A14B ...                       # two experts, one resident
     python samplers/sample.py --ckpt-high high.safetensors --ckpt-low low.safetensors --vae ... --text-encoder ... \
         --tokenizer ...                                                             # ComfyUI expert files
+    torchrun --nproc-per-node 2 samplers/sample.py --sp 2 ...    # one video's tokens split over 2 ranks (Ulysses)
 """
 import argparse
+import contextlib
+import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -20,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from minivdit import conditioning  # noqa: E402
+from minivdit import conditioning, distributed  # noqa: E402
 from minivdit.guidance import METHODS, OPTIONS, STG_RESCALE_ON, Guidance  # noqa: E402
 from minivdit.pipeline import (COG_PRESETS, COG_SOLVERS, COG_TINY_DIR, DTYPES, SOLVERS, Pipeline,  # noqa: E402
                                SampleConfig, check_vae, detect_preset, encode_prompts, family_of, find_checkpoint,
@@ -78,6 +82,8 @@ def parse(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="outputs/sample.mp4")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--sp", type=int, default=1, help="sequence parallel: split the video's tokens over N ranks "
+                   "(Ulysses); run under `torchrun --nproc-per-node N`; rank 0 writes (README: Many processes)")
     return p.parse_args(argv)
 
 
@@ -101,6 +107,9 @@ def main(argv=None):
         family.check_guidance(g)
     check_vae(found, preset)
     out = check_output(args.output, args.overwrite)
+    if args.sp > 1:
+        args.device = start_sp(args.sp, family, defaults, run, args.device)
+    rank = distributed.sp_rank() if args.sp > 1 else 0
 
     start = time.perf_counter()
     negative = family.negative_prompt if run.negative_prompt is None else run.negative_prompt
@@ -113,13 +122,35 @@ def main(argv=None):
         cond["first_frame"] = conditioning.first_frame_latent(pipe.vae, image.to(pipe.device))
     elif image is not None:
         cond["concat"] = conditioning.i2v_condition(pipe.vae, image.to(pipe.device), run.frames)
-    video = pipe(run, guidance, context=context, **cond)
+    with distributed.sequence_parallel() if args.sp > 1 else contextlib.nullcontext():
+        video = pipe(run, guidance, context=context, progress=rank == 0, **cond)
     seconds = time.perf_counter() - start
-    write_mp4(out, to_uint8(video), run.fps, overwrite=args.overwrite)
-    extra = {"image": str(Path(args.image).resolve())} if args.image else {}
-    write_json(out.with_suffix(".json"), sidecar(pipe, run, guidance, seconds, **extra))
-    print(f"wrote {out} ({run.frames} frames, {run.height}x{run.width}, {seconds:.1f} s) and its .json sidecar")
+    if rank == 0:  # every rank holds the same video; one writes it
+        write_mp4(out, to_uint8(video), run.fps, overwrite=args.overwrite)
+        extra = {"image": str(Path(args.image).resolve())} if args.image else {}
+        write_json(out.with_suffix(".json"), sidecar(pipe, run, guidance, seconds, sp=args.sp, **extra))
+        print(f"wrote {out} ({run.frames} frames, {run.height}x{run.width}, {seconds:.1f} s) and its .json sidecar")
     return out
+
+
+def start_sp(n: int, family, defaults, run: SampleConfig, device: str) -> str:
+    """Check that N ranks can split this model and video (heads, tokens), then join the torchrun process group of
+    N ranks; returns this rank's device. Raises ValueError before any model is loaded."""
+    c = defaults.config
+    heads = getattr(c, "num_heads", None) or c.num_attention_heads
+    patch = c.patch_size if isinstance(c.patch_size, tuple) else (c.patch_size_t or 1, c.patch_size, c.patch_size)
+    tokens = math.prod(s // p for s, p in zip(family.latent(run, defaults)[0][2:], patch))
+    distributed.check_sp(n, heads, tokens)
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--sp {n} needs torchrun: torchrun --nproc-per-node {n} samplers/sample.py --sp {n} ...")
+    if int(os.environ["WORLD_SIZE"]) != n:
+        raise ValueError(f"--sp {n} under torchrun with {os.environ['WORLD_SIZE']} processes: start "
+                         f"--nproc-per-node {n} (one rank per sequence shard)")
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(device)
+    distributed._setup_from_env(device)
+    return device
 
 
 def tiny_default(preset: str | None) -> Path:
