@@ -361,6 +361,8 @@ class CogVideoXModel(nn.Module):
         dtype; the sinusoid is float32); context: (B, 226, text_embed_dim) T5 embeddings (text.encode_t5: no trimming,
         no zero rows). perturb / branches: as WanModel (interventions.run_blocks); the intervention points see the
         joint [text | video] stream. Returns v: (B + len(branches), out_channels, F, H, W) float32.
+        Inside distributed.sequence_parallel() each rank holds the text and 1/N of the video tokens and every rank
+        returns the whole v (README: Many processes).
         """
         c, perturb = self.config, perturb or Perturb()
         b = x.shape[0]

@@ -214,6 +214,8 @@ class WanModel(nn.Module):
         clean pass). branches: extra passes ((row, Perturb), ...): each copies input row `row` and follows its own
         Perturb from the first point where it differs from `perturb`; the blocks before that run once (shared
         prefix). Returns v: (B + len(branches), out_dim, F, H, W) float32; branch outputs follow the B rows in order.
+        Inside distributed.sequence_parallel() each rank runs the blocks on its 1/N of the tokens and every rank
+        returns the whole v (README: Many processes).
         """
         c, perturb = self.config, perturb or Perturb()
         b = x.shape[0]
