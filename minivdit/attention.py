@@ -35,8 +35,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identit
 
     q, k, v: (B, keep + L/N, heads, head_dim), this rank's tokens; the first `keep` rows (CogVideoX's text prefix)
     are the same on every rank. One all-to-all trades the sequence shard for a head shard, (B, keep + L, heads/N,
-    head_dim), `attention` runs over all tokens for those heads, one all-to-all trades back (the prefix rows, whole
-    on every rank, are head-sliced locally and their output all-gathered over heads). Returns
+    head_dim) with the padding of an L not divisible by N dropped, `attention` runs over all tokens for those heads,
+    one all-to-all trades back (the prefix rows, whole on every rank, are head-sliced locally and their output
+    all-gathered over heads). Returns
     (B, keep + L/N, heads * head_dim), equal to this rank's rows of `attention` on the gathered sequence.
     identity_from: as `attention`, a global query index. Outside sequence parallel (N = 1): exactly `attention`.
     Raises ValueError if the heads are not divisible by N.
@@ -44,14 +45,17 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identit
     n = distributed.sp_world()
     if n == 1:
         return attention(q, k, v, identity_from)
-    distributed.check_sp(n, q.shape[2], (q.shape[1] - keep) * n)
+    distributed.check_sp(n, q.shape[2])
+    tokens, per = distributed.sp_tokens()  # L, and each rank's ceil(L/N) (padded at the end)
 
-    def to_heads(x):  # (B, keep + L/N, heads, hd) -> (B, keep + L, heads/N, hd)
+    def to_heads(x):  # (B, keep + ceil(L/N), heads, hd) -> (B, keep + L, heads/N, hd), the padding dropped
         prefix = x[:, :keep].chunk(n, 2)[distributed.sp_rank()]
-        return torch.cat([prefix, distributed.all_to_all(x[:, keep:], 2, 1)], 1)
+        return torch.cat([prefix, distributed.all_to_all(x[:, keep:], 2, 1)[:, :tokens]], 1)
 
     out = attention(to_heads(q), to_heads(k), to_heads(v), identity_from).unflatten(2, (q.shape[2] // n, -1))
-    out_video = distributed.all_to_all(out[:, keep:], 1, 2)  # (B, L/N, heads, hd)
+    video = out[:, keep:]  # (B, L, heads/N, hd)
+    video = torch.cat([video, video.new_zeros(video.shape[0], n * per - tokens, *video.shape[2:])], 1)  # padded back
+    out_video = distributed.all_to_all(video, 1, 2)  # (B, ceil(L/N), heads, hd)
     if keep:  # the prefix rows: all heads, the same on every rank
-        out_video = torch.cat([distributed.gather(out[:, :keep], dim=2), out_video], 1)
-    return out_video.flatten(2)  # (B, keep + L/N, heads * head_dim)
+        out_video = torch.cat([distributed.all_gather(out[:, :keep], dim=2), out_video], 1)
+    return out_video.flatten(2)  # (B, keep + ceil(L/N), heads * head_dim)

@@ -16,7 +16,9 @@ import torch.distributed as dist
 #
 # Inside `with sequence_parallel():` every DiT forward keeps 1/N of the video tokens on each of the N ranks (a
 # contiguous slice, rank order = sequence order): `shard` after the patch embedding, `gather` once before
-# unpatchify. Everything a DiT does per token (norms, modulation, FFN, cross-attention to the text, the head) then
+# unpatchify. A token count L not divisible by N is padded at the end to N * ceil(L/N) with zero tokens: `shard`
+# records L for the forward now running, self-attention drops the padding after its first all-to-all (so no
+# mask is needed and no real token attends to it), STAS's max leaves it out and `gather` removes it. Everything a DiT does per token (norms, modulation, FFN, cross-attention to the text, the head) then
 # runs on the shard unchanged; self-attention trades sequence shards for head shards with one all-to-all before and
 # one after (attention.ulysses_attention), so each rank attends over the full sequence for heads/N heads. Tokens
 # before the video (CogVideoX's 226 text tokens, `keep`) are the same on every rank and are never split. Every rank
@@ -24,6 +26,7 @@ import torch.distributed as dist
 # here is the identity and nothing is communicated.
 
 _SP = None  # the process group sharing one video's tokens while `sequence_parallel` is active; None: off
+_TOKENS = 0  # L, the video tokens of the forward now running (set by `shard`); each rank holds ceil(L/N) of them
 
 
 def _setup_from_env(device: torch.device | str = "cpu") -> None:
@@ -61,23 +64,32 @@ def sp_rank() -> int:
     return 0 if _SP is None else dist.get_rank(_SP)
 
 
-def check_sp(n: int, heads: int, tokens: int) -> None:
-    """Raise ValueError unless N ranks can split `heads` attention heads and `tokens` video tokens evenly."""
-    works = [d for d in range(1, heads + 1) if heads % d == 0 and tokens % d == 0]
+def check_sp(n: int, heads: int) -> None:
+    """Raise ValueError unless N ranks can split `heads` attention heads evenly."""
     if heads % n:
+        works = [d for d in range(1, heads + 1) if heads % d == 0]
         raise ValueError(f"sequence parallel over {n} ranks: the model's {heads} attention heads are not divisible by "
-                         f"{n}; sizes that work for this model and video: --sp {works}")
-    if tokens % n:
-        raise ValueError(f"sequence parallel over {n} ranks: the video has {tokens} tokens (latent frames x height/patch"
-                         f" x width/patch), not divisible by {n}; use --sp {works}, or change --frames / --height / "
-                         f"--width so that the token count is a multiple of {n}")
+                         f"{n}; sizes that work for this model: --sp {works}")
+
+
+def sp_tokens() -> tuple[int, int]:
+    """(L, ceil(L/N)): the video tokens of the forward now running and the (padded) share of each rank."""
+    return _TOKENS, -(-_TOKENS // sp_world())
+
+
+def sp_valid() -> int:
+    """How many of this rank's ceil(L/N) video tokens are real (the rest is padding, at the end of the last ranks)."""
+    tokens, per = sp_tokens()
+    return max(0, min(per, tokens - sp_rank() * per))
 
 
 def shard(x: torch.Tensor, dim: int = 1, keep: int = 0) -> torch.Tensor:
-    """This rank's contiguous 1/N of x along `dim`; the first `keep` entries (a replicated text prefix) stay whole.
+    """This rank's contiguous share of x along `dim`; the first `keep` entries (a replicated text prefix) stay whole.
 
-    x: (..., keep + L, ...) -> (..., keep + L/N, ...). Raises ValueError if L is not divisible by N, RuntimeError if
-    x requires grad."""
+    x: (..., keep + L, ...) -> (..., keep + ceil(L/N), ...), zero-padded at the end of the last ranks when N does not
+    divide L; records L for the forward now running (every `shard` of one forward splits the same L tokens).
+    Raises RuntimeError if x requires grad."""
+    global _TOKENS
     n = sp_world()
     if n == 1:
         return x
@@ -85,23 +97,33 @@ def shard(x: torch.Tensor, dim: int = 1, keep: int = 0) -> torch.Tensor:
         raise RuntimeError("sequence parallel is inference only (no gradient flows through its collectives): run the "
                            "model under torch.no_grad() or with requires_grad_(False) weights")
     video = x.narrow(dim, keep, x.shape[dim] - keep)
-    if video.shape[dim] % n:
-        raise ValueError(f"sequence parallel over {n} ranks: {video.shape[dim]} video tokens are not divisible by {n}; "
-                         "change --frames / --height / --width or --sp (see distributed.check_sp)")
-    return torch.cat([x.narrow(dim, 0, keep), video.chunk(n, dim)[sp_rank()]], dim)
+    _TOKENS = video.shape[dim]
+    per = sp_tokens()[1]
+    pad = list(video.shape)
+    pad[dim] = n * per - _TOKENS
+    video = torch.cat([video, video.new_zeros(pad)], dim)  # (..., N ceil(L/N), ...)
+    return torch.cat([x.narrow(dim, 0, keep), video.narrow(dim, sp_rank() * per, per)], dim)
 
 
-def gather(x: torch.Tensor, dim: int = 1, keep: int = 0) -> torch.Tensor:
-    """The inverse of `shard`: every rank's part of x along `dim`, in rank order (one all-gather).
-
-    x: (..., keep + L/N, ...) -> (..., keep + L, ...), the same on every rank."""
+def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Every rank's x, concatenated along `dim` in rank order (one all-gather), the same on every rank."""
     n = sp_world()
     if n == 1:
         return x
-    part = x.narrow(dim, keep, x.shape[dim] - keep).contiguous()
-    parts = part.new_empty((n * part.shape[0], *part.shape[1:]))  # the N parts stacked along dim 0
-    dist.all_gather_into_tensor(parts, part, group=_SP)
-    return torch.cat([x.narrow(dim, 0, keep), *parts.chunk(n)], dim)
+    x = x.contiguous()
+    parts = x.new_empty((n * x.shape[0], *x.shape[1:]))  # the N parts stacked along dim 0
+    dist.all_gather_into_tensor(parts, x, group=_SP)
+    return torch.cat(parts.chunk(n), dim)
+
+
+def gather(x: torch.Tensor, dim: int = 1, keep: int = 0) -> torch.Tensor:
+    """The inverse of `shard`: all ranks' tokens of x along `dim`, padding removed.
+
+    x: (..., keep + ceil(L/N), ...) -> (..., keep + L, ...), the same on every rank."""
+    if sp_world() == 1:
+        return x
+    video = all_gather(x.narrow(dim, keep, x.shape[dim] - keep), dim).narrow(dim, 0, _TOKENS)
+    return torch.cat([x.narrow(dim, 0, keep), video], dim)
 
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -122,13 +144,12 @@ def all_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def local_index(s: torch.Tensor, length: int, keep: int = 0) -> torch.Tensor:
-    """Global sequence indices s (into keep + L tokens) -> indices into this rank's shard (keep + L/N tokens), only
-    those the rank holds; the prefix indices (< keep) are the same everywhere. One process: s unchanged."""
-    n = sp_world()
-    if n == 1:
+def local_index(s: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """Global sequence indices s (into keep + L tokens) -> indices into this rank's shard (keep + ceil(L/N) tokens),
+    only those the rank holds; the prefix indices (< keep) are the same everywhere. One process: s unchanged."""
+    if sp_world() == 1:
         return s
-    per = (length - keep) // n
+    per = sp_tokens()[1]
     start = keep + sp_rank() * per  # the global index of this rank's first video token
     mine = s[(s >= start) & (s < start + per)] - start + keep
     return torch.cat([s[s < keep], mine])

@@ -136,12 +136,14 @@ class Steer:
         if not self.dims:
             return h
         s, m = _tokens(layout, self.tokens, self.p).to(h.device), list(self.dims)
-        s = distributed.local_index(s, layout.num_tokens, layout.text_len)  # sequence parallel: S's rows held here
+        s = distributed.local_index(s, layout.text_len)  # sequence parallel: the rows of S this rank holds
         hm = h[:, :, m]  # (B, L, |M|)
         if self.rule == "max":
-            peak = hm[:, layout.text_len:].abs().amax(dim=1, keepdim=True)  # (B, 1, |M|): per sample and channel,
-            # over the video tokens only (sequence parallel: the max over all ranks' tokens)
-            peak = distributed.all_max(peak)
+            video = hm[:, layout.text_len:].abs()  # (B, L, |M|) (sequence parallel: this rank's tokens, padding 0)
+            if distributed.sp_world() > 1:
+                video[:, distributed.sp_valid():] = 0
+            # (B, 1, |M|): per sample and channel, over the video tokens only (sequence parallel: over all ranks')
+            peak = distributed.all_max(video.amax(dim=1, keepdim=True))
             new = self.alpha * peak * torch.sign(hm[:, s])  # (B, |S|, |M|)
         else:
             new = (1 + self.omega) * hm[:, s]

@@ -13,7 +13,6 @@
 """
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -108,7 +107,7 @@ def main(argv=None):
     check_vae(found, preset)
     out = check_output(args.output, args.overwrite)
     if args.sp > 1:
-        args.device = start_sp(args.sp, family, defaults, run, args.device)
+        args.device = start_sp(args.sp, defaults, args.device)
     rank = distributed.sp_rank() if args.sp > 1 else 0
 
     start = time.perf_counter()
@@ -133,14 +132,11 @@ def main(argv=None):
     return out
 
 
-def start_sp(n: int, family, defaults, run: SampleConfig, device: str) -> str:
-    """Check that N ranks can split this model and video (heads, tokens), then join the torchrun process group of
-    N ranks; returns this rank's device. Raises ValueError before any model is loaded."""
+def start_sp(n: int, defaults, device: str) -> str:
+    """Check that N ranks can split this model's heads, then join the torchrun process group of N ranks; returns this
+    rank's device. Raises ValueError before any model is loaded."""
     c = defaults.config
-    heads = getattr(c, "num_heads", None) or c.num_attention_heads
-    patch = c.patch_size if isinstance(c.patch_size, tuple) else (c.patch_size_t or 1, c.patch_size, c.patch_size)
-    tokens = math.prod(s // p for s, p in zip(family.latent(run, defaults)[0][2:], patch))
-    distributed.check_sp(n, heads, tokens)
+    distributed.check_sp(n, getattr(c, "num_heads", None) or c.num_attention_heads)
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(f"--sp {n} needs torchrun: torchrun --nproc-per-node {n} samplers/sample.py --sp {n} ...")
     if int(os.environ["WORLD_SIZE"]) != n:
