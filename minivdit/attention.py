@@ -54,7 +54,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, identit
 
     out = attention(to_heads(q), to_heads(k), to_heads(v), identity_from).unflatten(2, (q.shape[2] // n, -1))
     video = out[:, keep:]  # (B, L, heads/N, hd)
-    video = torch.cat([video, video.new_zeros(video.shape[0], n * per - tokens, *video.shape[2:])], 1)  # padded back
+    if n * per > tokens:  # padded back to N ceil(L/N) tokens
+        video = torch.cat([video, video.new_zeros(video.shape[0], n * per - tokens, *video.shape[2:])], 1)
     out_video = distributed.all_to_all(video, 1, 2)  # (B, ceil(L/N), heads, hd)
     if keep:  # the prefix rows: all heads, the same on every rank
         out_video = torch.cat([distributed.all_gather(out[:, :keep], dim=2), out_video], 1)

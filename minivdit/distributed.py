@@ -16,14 +16,16 @@ import torch.distributed as dist
 #
 # Inside `with sequence_parallel():` every DiT forward keeps 1/N of the video tokens on each of the N ranks (a
 # contiguous slice, rank order = sequence order): `shard` after the patch embedding, `gather` once before
-# unpatchify. A token count L not divisible by N is padded at the end to N * ceil(L/N) with zero tokens: `shard`
-# records L for the forward now running, self-attention drops the padding after its first all-to-all (so no
-# mask is needed and no real token attends to it), STAS's max leaves it out and `gather` removes it. Everything a DiT does per token (norms, modulation, FFN, cross-attention to the text, the head) then
+# unpatchify. Everything a DiT does per token (norms, modulation, FFN, cross-attention to the text, the head) then
 # runs on the shard unchanged; self-attention trades sequence shards for head shards with one all-to-all before and
 # one after (attention.ulysses_attention), so each rank attends over the full sequence for heads/N heads. Tokens
 # before the video (CogVideoX's 226 text tokens, `keep`) are the same on every rank and are never split. Every rank
 # runs the same passes in the same order, so the collectives match. Outside the block (or with N = 1) every function
 # here is the identity and nothing is communicated.
+#
+# A token count L that N does not divide is padded at the end to N * ceil(L/N) with zero tokens: `shard` records L
+# for the forward now running, self-attention drops the padding right after its first all-to-all (so no mask is
+# needed and no real token attends to it), STAS's max leaves it out and `gather` removes it.
 
 _SP = None  # the process group sharing one video's tokens while `sequence_parallel` is active; None: off
 _TOKENS = 0  # L, the video tokens of the forward now running (set by `shard`); each rank holds ceil(L/N) of them
@@ -66,6 +68,8 @@ def sp_rank() -> int:
 
 def check_sp(n: int, heads: int) -> None:
     """Raise ValueError unless N ranks can split `heads` attention heads evenly."""
+    if n < 1:
+        raise ValueError(f"sequence parallel over {n} ranks: N must be >= 1 (--sp 1: one process)")
     if heads % n:
         works = [d for d in range(1, heads + 1) if heads % d == 0]
         raise ValueError(f"sequence parallel over {n} ranks: the model's {heads} attention heads are not divisible by "

@@ -129,6 +129,8 @@ def main(argv=None):
         extra = {"image": str(Path(args.image).resolve())} if args.image else {}
         write_json(out.with_suffix(".json"), sidecar(pipe, run, guidance, seconds, sp=args.sp, **extra))
         print(f"wrote {out} ({run.frames} frames, {run.height}x{run.width}, {seconds:.1f} s) and its .json sidecar")
+    if args.sp > 1:
+        torch.distributed.destroy_process_group()
     return out
 
 

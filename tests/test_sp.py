@@ -18,7 +18,7 @@ import torch.distributed as dist
 from minivdit import distributed
 from minivdit.cogvideox import PRESETS as COG_PRESETS, CogVideoXModel
 from minivdit.guidance import Guidance
-from minivdit.interventions import Perturb, Steer, Zero
+from minivdit.interventions import Perturb, Steer, TokenLayout, Zero
 from minivdit.pipeline import Pipeline, SampleConfig, tiny_checkpoint, tiny_cogvideox_checkpoint
 from minivdit.wan import PRESETS, WanConfig, WanModel
 from samplers import sample
@@ -78,9 +78,20 @@ def cases(captured):
             "capture": (Perturb(capture=capture), ())}
 
 
+def steer_padded():
+    """STAS on a stream of 5 tokens (rank 1 under sp 2: 2 tokens and 1 padding row, which is set to 1e6 here): the
+    max and the token set B(20%) = {0, 4} must leave the padding out."""
+    h = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(7))
+    mine = distributed.shard(h)
+    if distributed.sp_world() > 1:
+        mine[:, distributed.sp_valid():] = 1e6
+    steer = Steer(block=0, dims=(1, 4), alpha=2.0, p=20.0, tokens="boundary")
+    return distributed.gather(steer(mine, TokenLayout(frames=1, height=1, width=5)))
+
+
 def forwards():
-    """Every (model, case) forward, and the captured block outputs: {key: tensor}."""
-    out = {}
+    """Every (model, case) forward, the captured block outputs, STAS on a padded shard: {key: tensor}."""
+    out = {"steer-padded": steer_padded()}
     for name, model in models().items():
         x, t, context = inputs(name, model)
         captured = []
@@ -172,6 +183,11 @@ def test_interventions_change_the_forward(one_process):
             assert rel(branches[row], branches[0 if row != 3 else 1]) > 1e-3
 
 
+def test_sp2_stas_leaves_the_padding_out(sp_results, one_process):
+    for got in sp_results:
+        assert rel(got["steer-padded"], one_process["steer-padded"]) <= 1e-6
+
+
 @pytest.mark.parametrize("name", ["wan", "cogvideox"])
 def test_sp2_sampling_loop_equals_one_process(sp_results, one_process, name):
     for got in sp_results:
@@ -184,6 +200,8 @@ def test_sp_errors_name_the_numbers(sp_results):
         assert "--sp [1, 3]" in got["error/heads"]  # the sizes that work for 3 heads
     with pytest.raises(ValueError, match=r"12 attention heads are not divisible by 5.*--sp \[1, 2, 3, 4, 6, 12\]"):
         distributed.check_sp(5, 12)
+    with pytest.raises(ValueError, match="N must be >= 1"):
+        distributed.check_sp(0, 12)
     distributed.check_sp(8, 40)  # Wan2.1-14B on 8 ranks
 
 
