@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -102,7 +101,7 @@ def forwards():
 
 
 def loops(ckpts):
-    """3-step sampling loops (Wan with CFG + DG + STAS; CogVideoX-tiny with CFG): the final latents."""
+    """3-step sampling loops (tiny Wan with CFG + DG + STAS; tiny CogVideoX-5B-style with CFG): the final latents."""
     out = {}
     for name, ckpt, guidance in (("wan", ckpts["wan"], Guidance("dg", 5.0, stas=Steer(block=1, dims=(3,)), stas_steps=2,
                                                                 dg=Zero(block=2, dims=(3,)))),
@@ -147,7 +146,6 @@ def ckpts(tmp_path_factory):
 def sp_results(tmp_path_factory, ckpts):
     """What each of 2 gloo ranks computed under sequence parallel: [rank 0's dict, rank 1's dict]."""
     tmp = tmp_path_factory.mktemp("sp")
-    os.environ["OMP_NUM_THREADS"] = "1"
     torch.multiprocessing.start_processes(worker, args=(str(tmp / "store"), ckpts, str(tmp)), nprocs=RANKS,
                                           start_method="spawn")
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(RANKS)]
