@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from minivdit.analysis import MAStats, write_plots  # noqa: E402
 from minivdit.guidance import Guidance  # noqa: E402
 from minivdit.pipeline import SampleConfig, WanPipeline, family_of, tiny_checkpoint  # noqa: E402
+from minivdit.report import write_report  # noqa: E402
 from minivdit.video import write_json  # noqa: E402
 
 
@@ -99,6 +100,7 @@ def main(argv=None):
                   f"{report['lead_dim']} (see report.json)")
     report = reports[""] if names == [""] else {"experts": reports}
     write_json(out / "report.json", report)
+    write_report(out)  # report.html: MA tables, plots and the flags to copy
     print(f"wrote {out / 'report.json'}")
     return report
 

@@ -36,6 +36,7 @@ from minivdit.metrics import (BACKBONES, FIDELITY_METRICS, TRANSITION_METRICS, e
 from minivdit.pipeline import (COG_SOLVERS, DTYPES, FAMILIES, SOLVERS, SampleConfig, WanPipeline,  # noqa: E402
                                check_vae, detect_preset, encode_prompts, family_of, find_checkpoint, guidance_for,
                                sidecar, tiny_checkpoint)
+from minivdit.report import write_report  # noqa: E402
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
 from samplers.sample import add_guidance_args  # noqa: E402
 
@@ -260,6 +261,7 @@ def main(argv=None):
                       f"warp error {row['warp_error']}, PSNR vs cfg {row['psnr_vs_cfg']}")
     summary = write_tables(out, rows, labels, run.steps, columns, args.flow_size or None)
     write_plots(out, rows, labels, summary, columns)
+    write_report(out)  # report.html: the videos in lockstep, tables, plots, sidecars
     print(f"wrote {len(rows)} videos, grids, results.csv / summary.csv / results.md, transitions.png and summary.png "
           f"in {out}")
     if export:
