@@ -119,3 +119,18 @@ def test_spec_sweep_runs_and_resumes(ckpt, tmp_path, monkeypatch):
     assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rows]
     assert np.isfinite(again[4]["psnr_vs_cfg"])
+
+
+def test_sample_takes_one_spec_or_the_old_flags():
+    from minivdit.wan import PRESETS
+    from samplers import sample
+
+    g = lambda *argv: sample.guidance_from_args(sample.parse(list(argv)), PRESETS["wan2.1-tiny"])  # noqa: E731
+    assert g("--method", "cfg+stas:alpha=3") == g("--method", "cfg", "--stas", "--stas-alpha", "3")
+    assert g("--method", "cfg+stas:alpha=3").stas.alpha == 3.0
+    assert g("--method", "stg:mode=A,scale=0.5") == g("--method", "stg", "--stg-mode", "A", "--stg-scale", "0.5")
+    assert g("--method", "stg:mode=A").stg_scale == 2.0 and g("--method", "dg:scale=2").dg_scale == 2.0
+    with pytest.raises(ValueError, match="describes 2 runs; sample.py makes one video"):
+        g("--method", "stg:mode=A|R")
+    with pytest.raises(ValueError, match="it belongs to method 'stas'"):
+        g("--method", "cfg:alpha=1")
