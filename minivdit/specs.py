@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .guidance import METHODS, OPTIONS, uses
 
-GRAMMAR = __doc__.split("\n\n")[1]  # the grammar and examples, for --help
+GRAMMAR = "\n\n".join(__doc__.split("\n\n")[1:3])  # the grammar and examples, for --help
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Compare guidance methods on identical noise and solver: a sweep of method specs x prompts x seeds -> mp4s,
+r"""Compare guidance methods on identical noise and solver: a sweep of method specs x prompts x seeds -> mp4s,
 labelled grids, tables, metrics and plots; resumable, and data parallel under torchrun.
 
     python samplers/compare.py --method 'cfg;cfg+stas;dg;stg' --out outputs/compare      # embedded tiny default
@@ -9,9 +9,13 @@ labelled grids, tables, metrics and plots; resumable, and data parallel under to
 
 Method specs (--method, repeatable; ';' separates specs):
 {grammar}
-cfg is always run, as the overhead and fidelity baseline of each (prompt, seed). Guidance flags (--stas-steps,
---dg-scale, ...) apply to every run whose method uses them; a spec's parameter overrides the flag for its runs; a
-flag no run uses is an error naming its method.
+
+NAME: a guidance flag below without '--' and its method prefix (alpha = --stas-alpha, scale under dg = --dg-scale,
+mode under stg = --stg-mode), or in full with '_' (stas_block, dg_block: needed where a run has both), or
+guidance_scale. Labels (file names, grid captions, table rows): the method and its parameters as written,
+'cfg+stas:alpha=1|2' -> cfg+stas_alpha=1, cfg+stas_alpha=2. cfg is always run, as the overhead and fidelity
+baseline of each (prompt, seed). Guidance flags (--stas-steps, --dg-scale, ...) apply to every run whose method uses
+them; a spec's parameter overrides the flag for its runs; a flag no run uses is an error naming its method.
 
 The sweep is a list of jobs (prompt k, seed s, run label). Job outputs in OUT/p{{k}}_s{{s}}/: LABEL.mp4 + LABEL.json
 (the sidecar: settings, the job it belongs to, per-step times, every metric, per transition too; cfg-zero* ->
@@ -255,6 +259,7 @@ def write_plots(out: Path, rows: list[dict], labels: list[str], summary: list[di
 
 def main(argv=None):
     args = parse(argv)
+    device = distributed.init(args.device)  # torchrun: join the process group (cuda -> cuda:LOCAL_RANK)
     runs = parse_methods(args.methods or [DEFAULT_METHODS])  # before anything is read
     labels = [r.label for r in runs]
     check_flags(runs, args)
@@ -290,7 +295,7 @@ def main(argv=None):
             and not args.overwrite:
         raise FileExistsError(f"{export} is not empty and holds no earlier VBench export; choose another "
                               "--vbench-export or pass --overwrite")
-    backbones = {kind: load_backbone(kind, getattr(args, kind), device=args.device)
+    backbones = {kind: load_backbone(kind, getattr(args, kind), device=device)
                  for kind in BACKBONES if getattr(args, kind)}  # before the DiT: a wrong folder fails early
     columns = metric_columns(backbones)
 
@@ -309,7 +314,6 @@ def main(argv=None):
                                                        "fidelity" not in (sides[j] or {}))]
     regrid = sorted({(j.k, j.seed) for j in jobs if j in todo or not (j.folder(out) / "grid.mp4").exists()})
 
-    device = distributed.init(args.device)
     rank, world = distributed.rank(), distributed.world()
     distributed.barrier()  # every rank has read the disk before any rank writes
     owner = distributed.shard([experts(guidances[j.label])[0].passes_per_step() for j in todo], world)
@@ -394,7 +398,7 @@ def add_fidelity(path: Path, cfg_path: Path) -> None:
 def rows_from_sidecars(out: Path, jobs: list[Job]) -> list[dict]:
     """The table rows, read from the jobs' sidecars (so the tables describe what is on disk); overhead vs cfg = the
     job's median s/step over that of the cfg job of its prompt and seed."""
-    rows = []
+    rows, base = [], {}
     for j in jobs:
         side = read_sidecar(j.path(out))
         m = side["metrics"]
@@ -404,9 +408,9 @@ def rows_from_sidecars(out: Path, jobs: list[Job]) -> list[dict]:
                      "curves": m.get("curves"), "cross": m.get("cross")})
         if j.label == "cfg":
             rows[-1].update(psnr_vs_cfg=None, ssim_vs_cfg=None)
-    base = {(r["prompt"], r["seed"]): r["seconds_per_step"] for r in rows if r["method"] == "cfg"}
-    for r in rows:
-        r["overhead_vs_cfg"] = r["seconds_per_step"] / base[r["prompt"], r["seed"]]
+            base[j.k, j.seed] = side["seconds_per_step"]
+    for j, r in zip(jobs, rows):
+        r["overhead_vs_cfg"] = r["seconds_per_step"] / base[j.k, j.seed]
     return rows
 
 
