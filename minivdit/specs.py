@@ -80,10 +80,10 @@ def _params(method: str, stas: bool, body: str, spec: str) -> list[tuple[str, st
     for name, value in pieces:
         name = name.strip()
         if name not in table:
-            owner = next((g for n, _, g, _ in OPTIONS if name in (n, n.removeprefix(g.replace("-", "_") + "_"))),
-                         None)
-            hint = (f"it belongs to method {owner!r}" + (" (write <method>+stas)" if owner == "stas" else "")
-                    if owner else f"known for {run}: {', '.join(sorted(table))}")
+            owners = sorted({g for n, _, g, _ in OPTIONS if name in (n, n.removeprefix(g.replace("-", "_") + "_"))})
+            hint = (f"it belongs to method {' / '.join(map(repr, owners))}" +
+                    (" (write <method>+stas)" if "stas" in owners else "")
+                    if owners else f"known for {run}: {', '.join(sorted(table))}")
             raise ValueError(f"spec {spec!r}: {run} has no parameter {name!r}; {hint}")
         if table[name] is None:
             both = [n for n in table if n.endswith("_" + name) and table[n] == n]
