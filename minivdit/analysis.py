@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .interventions import TokenLayout
 from .video import write_figure
 
@@ -53,6 +54,13 @@ class MAStats:
     `a1_slots` ((step, block), ...) adds the A.1 order for those slots (Table A1 reports block 15, step 5; both are
     0-based here): a running sum of |h| (L, D) in float64 over the cond rows (row 0 of each capture: the uncond row
     is the same negative prompt for every prompt), reported under report()["a1"].
+
+    Merging (`reduce`, many processes): every statistic is a float64 sum (peak, pos, profile, a1) or an integer
+    count (rows, a1 rows, prompts), so summing the partial statistics of N processes gives exactly what one process
+    over all prompts gives, up to the order of the float64 additions (relative differences ~1e-16); the maxima
+    (per-row peaks, A.1's max over tokens) are taken before summing or at report time, never merged. The one choice
+    that is not a sum is the profile channel picked at the first capture (prompt 0): every process must use the
+    same `profile_dims` (samplers/analyze.py sets them from prompt 0); `reduce` checks that they agree.
     """
 
     def __init__(self, layout: TokenLayout, dim: int, blocks: Sequence[int], steps: int, p: float = 8.0,
@@ -107,6 +115,19 @@ class MAStats:
         if (s, block) in self.a1:  # STAS A.1 order: running sum of |h| over prompts (cond row), max taken at report
             self.a1[s, block] += h[0].detach().abs().double().cpu()
             self.a1_rows[s, block] += 1
+
+    def reduce(self) -> None:
+        """Sum the statistics over the ranks of the process group (minivdit.distributed; no-op in one process), in
+        place, so every rank holds the totals. Raises ValueError if the ranks used different profile channels."""
+        if distributed.world() == 1:
+            return
+        dims = torch.tensor([-1 if d is None else d for d in self.profile_dims], dtype=torch.int64)
+        if not torch.equal(distributed.all_reduce(dims.clone(), "max"), -distributed.all_reduce(-dims, "max")):
+            raise ValueError("ranks recorded token profiles of different channels; set profile_dims alike")
+        for x in (self.peak, self.pos, self.profile, self.rows, *self.a1.values()):
+            distributed.all_reduce(x)
+        counts = distributed.all_reduce(torch.tensor([self.prompts, *self.a1_rows.values()], dtype=torch.int64))
+        self.prompts, self.a1_rows = int(counts[0]), dict(zip(self.a1_rows, counts[1:].tolist()))
 
     def _mean(self, x: torch.Tensor) -> torch.Tensor:
         n = self.rows.clamp_min(1).double()

@@ -3,6 +3,11 @@ report and Fig. 1e / 2a / 2b-style plots, plus the flags that feed the MA channe
 
     python samplers/analyze.py --out outputs/ma-tiny                 # embedded tiny default (random weights)
     python samplers/analyze.py --ckpt weights/Wan2.1-T2V-1.3B --prompts prompts.txt --frames 81 --out outputs/ma
+    torchrun --nproc-per-node 4 samplers/analyze.py --ckpt weights/Wan2.1-T2V-1.3B --prompts prompts.txt --out o/ma
+
+Under torchrun the prompts are split over the ranks (prompt k keeps seed + k); each rank streams its statistics and
+they are summed over ranks with all_reduce before rank 0 writes the report (MAStats.reduce: every statistic is a sum
+or a count, so N ranks give the one-process report up to float64 summation order).
 """
 import argparse
 import sys
@@ -10,8 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from dataclasses import replace  # noqa: E402
+
 import torch  # noqa: E402
 
+from minivdit import distributed  # noqa: E402
 from minivdit.analysis import MAStats, write_plots  # noqa: E402
 from minivdit.guidance import Guidance  # noqa: E402
 from minivdit.pipeline import SampleConfig, WanPipeline, family_of, tiny_checkpoint  # noqa: E402
@@ -51,7 +59,9 @@ def main(argv=None):
     if (out / "report.json").exists() and not args.overwrite:
         raise FileExistsError(f"{out / 'report.json'} already exists; choose another --out or pass --overwrite")
 
-    pipe = WanPipeline.load(args.ckpt or tiny_checkpoint(), device=args.device)
+    device = distributed.init(args.device)
+    rank, world = distributed.rank(), distributed.world()
+    pipe = WanPipeline.load(args.ckpt or tiny_checkpoint(), device=device)
     d, c = pipe.preset, pipe.model.config
     pick = lambda v, default: default if v is None else v
     runs = [SampleConfig.from_preset(d, t, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
@@ -70,9 +80,19 @@ def main(argv=None):
     stats = {n: MAStats(layout, c.dim, blocks, runs[0].steps, p=args.p, a1_slots=a1) for n in names}
     guidance = {e.name: Guidance(method="cfg", guidance_scale=e.guidance_scale, capture=stats[e.name])
                 for e in d.experts} or Guidance(method="cfg", guidance_scale=d.guidance_scale, capture=stats[""])
+    owner = distributed.assign([1] * len(runs), world)  # equal costs: prompt 0 goes to rank 0
+    if world > 1 and owner[0] != rank:  # pick the profile channels from prompt 0, as one process does
+        for name, dims in first_capture_dims(pipe, runs[0], guidance, blocks).items():
+            stats[name].profile_dims = dims
     for k, run in enumerate(runs):
-        print(f"[{k + 1}/{len(runs)}] {run.prompt[:70]}")
+        if owner[k] != rank:
+            continue
+        print(f"[rank {rank}/{world}] [{k + 1}/{len(runs)}] {run.prompt[:70]}")
         pipe.sample(run, guidance, callback=lambda info: [s.next_step(info) for s in stats.values()])
+    for st in stats.values():
+        st.reduce()  # sums over ranks (no-op in one process); every rank then holds the totals
+    if not distributed.is_main():
+        return None
 
     reports = {}
     for name, st in stats.items():
@@ -103,6 +123,33 @@ def main(argv=None):
     write_report(out)  # report.html: MA tables, plots and the flags to copy
     print(f"wrote {out / 'report.json'}")
     return report
+
+
+class _Probed(Exception):
+    """Stops the probe run once every expert's recorded blocks were captured once."""
+
+
+def first_capture_dims(pipe, run, guidance, blocks) -> dict[str, list[int]]:
+    """For a rank that does not sample prompt 0: the profile channel MAStats picks per block (the largest peak of
+    the cond row at the block's first capture, i.e. on prompt 0), per expert name ('' for one DiT). Runs prompt 0
+    only until every expert has captured every recorded block (one forward for a one-DiT model)."""
+    names = list(guidance) if isinstance(guidance, dict) else [""]
+    dims: dict[str, dict[int, int]] = {n: {} for n in names}
+
+    def capture(name):
+        def record(block, h):
+            if block in blocks and block not in dims[name]:
+                dims[name][block] = int(h[0].abs().amax(dim=0).argmax())
+            if all(len(dims[n]) == len(set(blocks)) for n in names):
+                raise _Probed
+        return record
+    probe = {n: replace(g, capture=capture(n)) for n, g in guidance.items()} if isinstance(guidance, dict) \
+        else replace(guidance, capture=capture(""))
+    try:
+        pipe.sample(run, probe, progress=False)
+    except _Probed:
+        pass
+    return {n: [dims[n][b] for b in blocks] for n in names}
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from minivdit.guidance import METHODS, OPTIONS, STG_RESCALE_ON, Guidance  # noqa
 from minivdit.pipeline import (COG_PRESETS, COG_SOLVERS, COG_TINY_DIR, DTYPES, SOLVERS, Pipeline,  # noqa: E402
                                SampleConfig, check_vae, detect_preset, encode_prompts, family_of, find_checkpoint,
                                guidance_for, sidecar, tiny_checkpoint, tiny_cogvideox_checkpoint)
+from minivdit.specs import parse_specs  # noqa: E402
 from minivdit.video import check_output, to_uint8, write_json, write_mp4  # noqa: E402
 from minivdit.wan import PRESETS  # noqa: E402
 
@@ -44,8 +45,13 @@ def guidance_from_args(args, preset) -> Guidance | dict[str, Guidance]:
     """The Guidance the guidance arguments describe, on top of the preset's settings (A14B: one per expert); options
     of another method than --method are refused by guidance.from_preset."""
     steer = tuple(args.steer_experts.split(",")) if getattr(args, "steer_experts", None) else None
-    return guidance_for(preset, args.method, stas=args.stas, steer=steer, guidance_scale=args.guidance_scale,
-                        **{name: getattr(args, name) for name, *_ in OPTIONS})
+    runs = parse_specs(args.method)  # a method spec (minivdit/specs.py): one run, its parameters over the flags
+    if len(runs) != 1:
+        raise ValueError(f"--method {args.method!r} describes {len(runs)} runs; sample.py makes one video (sweeps: "
+                         "samplers/compare.py)")
+    flags = {name: getattr(args, name) for name, *_ in OPTIONS}
+    return guidance_for(preset, runs[0].method, stas=args.stas or runs[0].stas, steer=steer,
+                        **{"guidance_scale": args.guidance_scale, **flags, **runs[0].params})
 
 
 def parse(argv=None):
@@ -73,7 +79,9 @@ def parse(argv=None):
                    help="default: the family's (Wan unipc; CogVideoX the preset's: ddim for 2B, dpm for 5B / 1.5)")
     p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
                    help="CogVideoX dynamic CFG (default: the preset's, on)")
-    p.add_argument("--method", default="cfg", choices=METHODS, help="guidance method (docs/methods.md)")
+    p.add_argument("--method", default="cfg", metavar="SPEC", help=f"guidance method, one of {', '.join(METHODS)}, "
+                   "or one method spec with parameters, e.g. 'stg:mode=A,blocks=2', 'cfg+stas:alpha=2' (grammar: "
+                   "samplers/compare.py --help; docs/methods.md)")
     p.add_argument("--stas", action="store_true", help="add STAS (steer MA channels on F0 and B(p) tokens)")
     add_guidance_args(p)
     p.add_argument("--seed", type=int, default=0)
@@ -144,11 +152,7 @@ def start_sp(n: int, defaults, device: str) -> str:
     if int(os.environ["WORLD_SIZE"]) != n:
         raise ValueError(f"--sp {n} under torchrun with {os.environ['WORLD_SIZE']} processes: start "
                          f"--nproc-per-node {n} (one rank per sequence shard)")
-    if torch.device(device).type == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-        torch.cuda.set_device(device)
-    distributed._setup_from_env(device)
-    return device
+    return distributed.init(device)  # gloo on CPU, nccl on CUDA (cuda -> cuda:LOCAL_RANK)
 
 
 def tiny_default(preset: str | None) -> Path:

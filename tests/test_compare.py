@@ -27,7 +27,7 @@ def no_loading(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
     monkeypatch.setattr(compare.WanPipeline, "load", boom)
-    monkeypatch.setattr(compare, "encode_prompts", boom)
+    monkeypatch.setattr(compare, "load_text", boom)
 
 
 def read_csv(path):
@@ -154,7 +154,7 @@ def test_unknown_method_fails_before_anything_is_read(tmp_path):
     (["--methods", "cfg+stas", "--stas-alpha", "-1"], "alpha"),
     (["--methods", "dg", "--dg-block", "99"], "block indices"),
     (["--methods", "cfg,stg", "--stg-mode", "X"], "stg_mode"),
-    (["--methods", "cfg,stg", "--dg-scale", "0.5"], "no method"),
+    (["--methods", "cfg,stg", "--dg-scale", "0.5"], "--dg-scale belongs to method 'dg', which no run"),
     (["--methods", "cfg+stas", "--stas-steps", "9"], "exceeds"),
 ])
 def test_bad_parameters_fail_before_loading(ckpt, tmp_path, no_loading, args, match):
@@ -171,18 +171,24 @@ def test_missing_backbone_folder_fails_before_loading(ckpt, tmp_path, no_loading
                       tiny_dino(tmp_path / "d"), *SMALL])
 
 
-def test_refuses_to_overwrite(ckpt, tmp_path, no_loading, monkeypatch):
+def test_rerun_resumes_and_refuses_changed_settings(ckpt, tmp_path, monkeypatch):
+    """The same command again runs nothing and leaves every file as it was; other settings in the same --out are
+    refused before any model is loaded; --overwrite redoes the jobs."""
     out = tmp_path / "cmp"
-    out.mkdir()
-    (out / "results.csv").write_text("earlier results\n")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        compare.main(["--ckpt", ckpt, "--methods", "cfg", "--out", str(out), *SMALL])
+    cmd = ["--ckpt", ckpt, "--methods", "cfg", "--out", str(out), *SMALL, "--steps", "1", "--seeds", "0"]
+    compare.main(cmd)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    compare.main(cmd)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    monkeypatch.setattr(compare.WanPipeline, "load", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(FileExistsError, match="other settings.*--overwrite"):
+        compare.main([*cmd, "--steps", "2"])
     monkeypatch.undo()
-    compare.main(["--ckpt", ckpt, "--methods", "cfg", "--out", str(out), "--overwrite", *SMALL, "--steps", "1",
-                  "--seeds", "0"])
+    compare.main([*cmd, "--steps", "2", "--overwrite"])
     table = read_csv(out / "results.csv")
     assert [r["method"] for r in table] == ["cfg"] and float(table[0]["seconds_per_step"]) > 0
-    assert "no warm-up step to exclude" in (out / "results.md").read_text()
+    assert json.loads((out / "p0_s0" / "cfg.json").read_text())["steps"] == 2
+    assert "step 1 excluded (warm-up)" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("preset", ["wan2.2-ti2v-tiny", "wan2.2-t2v-a14b-tiny"])
