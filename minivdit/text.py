@@ -24,6 +24,7 @@ import html
 import io
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -237,6 +238,21 @@ def load_tokenizer(path: str | os.PathLike):
 
 # ----------------------------------------------------------------------------------------------------------
 # encoding
+
+
+def prompt_tokens(prompts: list[str], tokenizer, text_len: int, clean: bool = True,
+                  encoder: str = "text encoder") -> list[int]:
+    """The tokens of each prompt the encoder reads (EOS included): its token count, at most text_len. A longer
+    prompt is truncated by `encode_text` / `encode_t5` (EOS kept); this warns (UserWarning) with the number of
+    tokens dropped. clean: count after `clean_prompt` (Wan), as `encode_text` tokenizes."""
+    counts = []
+    for k, p in enumerate(prompts):
+        n = len(tokenizer(clean_prompt(p) if clean else p, add_special_tokens=True).input_ids)
+        if n > text_len:
+            warnings.warn(f"prompt {k + 1} ({p[:40]!r}...) is {n} tokens long; the {encoder} reads {text_len}: "
+                          f"truncated, its last {n - text_len} tokens are dropped", stacklevel=2)
+        counts.append(min(n, text_len))
+    return counts
 
 
 @torch.no_grad()
