@@ -8,12 +8,14 @@
 * non-finite values found during a run (pipeline.NonFiniteError): `error: <where>`, exit status 1;
 * Ctrl-C or SIGTERM: `interrupted`, exit status 130 / 143; outputs are written atomically (video.atomic_write),
   so nothing half-written or temporary is left;
-* anything else is a bug: its traceback is shown as usual.
+* anything else is a bug: its traceback is shown as usual;
+* warnings (a truncated prompt) print as `warning: <message>`.
 """
 from __future__ import annotations
 
 import signal
 import sys
+import warnings
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
                PermissionError)
@@ -33,6 +35,7 @@ def run(main, argv: list[str] | None = None) -> None:
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
         main(argv)
     except KeyboardInterrupt as e:

@@ -595,7 +595,9 @@ class Pipeline:
         (the frame is re-pinned), so steering it can never alter the image; its tokens remain keys of every other
         token's attention, which is the path STAS acts through; and S stays the same positional set as in T2V, so
         T2V and I2V runs are comparable. Steer(tokens='boundary') leaves F0 out.
-        Raises ValueError for a run, guidance or conditioning the model cannot take.
+        Raises ValueError for a run, guidance or conditioning the model cannot take; NonFiniteError when the
+        context, a step's x0 prediction x - sigma v (the latent the step saw and its guided prediction: one reduction
+        per step) or the final latent holds a NaN / inf, naming the step, its sigma, the expert and the method.
         """
         p, c, fam = self.preset, self.preset.config, self.family
         run.check(fam.stride(p), fam)
@@ -619,14 +621,13 @@ class Pipeline:
             project = lambda x: torch.cat([z0, x[:, :, 1:]], dim=2)  # noqa: E731 -- pin latent frame 0 to z0
         bar = tqdm(total=run.steps, disable=not progress, desc="sampling", unit="step")
 
-        def step_done(info):  # after every solver step: one finiteness check of the latent, then the callback
+        def step_done(info):  # every solver step: one finiteness check of its x0 = x - sigma v, then the callback
             bar.update(1)
-            i = info["i"]
-            where = self.expert_steps[-1] if self.expert_steps else "dit"
-            check_finite(info["x"], f"the latent after solver step {i + 1} of {run.steps} (step index {i}, sigma "
-                                    f"{info['sigma']:.4g}, {'DiT' if where == 'dit' else where + '-noise expert'}, "
-                                    f"guidance {self.guidance_name(guidance, where)}): the DiT prediction or the "
-                                    f"guidance combine overflowed (with --dtype float16 / bfloat16, try float32)")
+            i, where = info["i"], self.expert_steps[-1] if self.expert_steps else "dit"
+            check_finite(info["x0"], f"solver step {i + 1} of {run.steps} (step index {i}, sigma {info['sigma']:.4g}, "
+                                     f"{'DiT' if where == 'dit' else where + '-noise expert'}, guidance "
+                                     f"{self.guidance_name(guidance, where)}): the latent or the guided prediction "
+                                     "overflowed (with --dtype float16 / bfloat16, try float32)")
             if callback is not None:
                 callback(info)
 
@@ -638,6 +639,7 @@ class Pipeline:
             x = fam.solve(run, p, denoise, x.to(self.device), sigmas, step_done, project, generator)
         finally:
             bar.close()
+        check_finite(x, f"the latent after the last solver step ({run.steps} of {run.steps})")
         return x[:, :, pad:]
 
     @staticmethod

@@ -240,6 +240,17 @@ def load_tokenizer(path: str | os.PathLike):
 # encoding
 
 
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file, one per line; blank lines and lines starting with '#' are skipped. Raises
+    ValueError for a file with no usable line, FileNotFoundError / PermissionError for one that cannot be read."""
+    lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [s for s in lines if s and not s.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompt in this file (every line is blank or a # comment); write one prompt "
+                         "per line")
+    return prompts
+
+
 def prompt_tokens(prompts: list[str], tokenizer, text_len: int, clean: bool = True,
                   encoder: str = "text encoder") -> list[int]:
     """The tokens of each prompt the encoder reads (EOS included): its token count, at most text_len. A longer

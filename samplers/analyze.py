@@ -37,6 +37,7 @@ def parse(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="outputs/ma-analysis", help="output folder (report.json and PNGs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
@@ -104,4 +105,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from minivdit import cli
+    cli.run(main)

@@ -98,6 +98,7 @@ def parse(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="outputs/compare")
     p.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --out")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
@@ -271,4 +272,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from minivdit import cli
+    cli.run(main)

@@ -84,7 +84,7 @@ def seed(s: str) -> int | None:
     return v
 
 
-def parse(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="A red fox trots through fresh snow in a pine forest at dawn.",
                    help="the text prompt (default: %(default)r); longer than the encoder's window (umt5 512 tokens, "
@@ -103,8 +103,10 @@ def parse(argv=None):
                                                      "single-file --ckpt)")
     p.add_argument("--image", default=None, help="image to video: the first frame (Wan2.2 TI2V-5B, I2V-A14B only; "
                                                  "default: none, text to video)")
-    p.add_argument("--ckpt-high", default=None, help="A14B high-noise expert file (ComfyUI), with --ckpt-low")
-    p.add_argument("--ckpt-low", default=None, help="A14B low-noise expert file (ComfyUI), with --ckpt-high")
+    p.add_argument("--ckpt-high", default=None, help="A14B high-noise expert file (ComfyUI), with --ckpt-low "
+                                                      "(default: none)")
+    p.add_argument("--ckpt-low", default=None, help="A14B low-noise expert file (ComfyUI), with --ckpt-high "
+                                                     "(default: none)")
     p.add_argument("--keep-experts", action="store_true", help="A14B only: keep both experts loaded (default: only "
                                                                "the running one is resident)")
     p.add_argument("--steer-experts", default=None, help="A14B with --stas or --method dg: the experts STAS / DG "
@@ -137,7 +139,11 @@ def parse(argv=None):
                                                   f"{DEFAULT_OUTPUT}, or sample-1.mp4, sample-2.mp4, ... if taken)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output (default: refuse)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return p.parse_args(argv)
+    return p
+
+
+def parse(argv=None):
+    return parser().parse_args(argv)
 
 
 def check_device(name: str | None) -> str:
