@@ -78,7 +78,8 @@ class SampleConfig:
     dynamic_cfg: bool = False
 
     def check(self, stride: int = 16, family: "Family | None" = None) -> None:
-        """Raise ValueError for a frame count, size, step count, solver or shift the model cannot take. stride: the
+        """Raise ValueError for a frame count, size, step count, fps (>= 1), seed ([0, 2^63 - 1]), solver or shift
+        the model cannot take. stride: the
         size multiple, VAE stride x patch 2 (16 for the Wan2.1 and CogVideoX VAEs, 32 for Wan2.2 TI2V-5B); family:
         whose rules (solvers, shift, dynamic CFG) and name the messages use (None: Wan)."""
         family = family or WAN
@@ -93,6 +94,10 @@ class SampleConfig:
                                  f"try {max(stride, v // stride * stride)}")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.fps < 1:
+            raise ValueError(f"fps={self.fps} must be >= 1 (frames per second of the mp4)")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed} must be in [0, 2^63 - 1]")
         family.check(self)
 
     @classmethod
@@ -172,8 +177,8 @@ class WanFamily(Family):
 
     def check(self, run):
         super().check(run)
-        if run.shift is None or run.shift <= 0:
-            raise ValueError(f"shift={run.shift} must be > 0")
+        if run.shift is None or not 0 < run.shift < float("inf"):
+            raise ValueError(f"shift={run.shift} must be a finite number > 0")
         if run.dynamic_cfg:
             raise ValueError("dynamic CFG is CogVideoX's (its w(t) formula is tied to its timesteps); Wan runs a "
                              "constant scale: drop --dynamic-cfg")

@@ -204,10 +204,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     device = check_device(args.device)
-    if args.fps is not None and args.fps < 1:
-        raise ValueError(f"--fps {args.fps}: must be >= 1 (frames per second of the mp4)")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise ValueError(f"--guidance-scale {args.guidance_scale}: must be >= 0 (1 = the conditional prediction only)")
     if args.seed is None:
         args.seed = secrets.randbelow(SEED_MAX + 1)
         print(f"seed: {args.seed} (random; recorded in the sidecar)", file=sys.stderr)
