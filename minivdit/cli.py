@@ -35,7 +35,7 @@ def run(main, argv: list[str] | None = None) -> None:
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _terminate)
-    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+    formatwarning, warnings.formatwarning = warnings.formatwarning, lambda m, *a, **k: f"warning: {m}\n"
     try:
         main(argv)
     except KeyboardInterrupt as e:
@@ -51,3 +51,5 @@ def run(main, argv: list[str] | None = None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.formatwarning = formatwarning
