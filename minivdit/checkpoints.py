@@ -12,6 +12,7 @@ Every model family keeps its own key-rename table next to its parameter names (`
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -19,10 +20,18 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 
 class CheckpointError(ValueError):
     """A checkpoint file or folder is missing, unreadable, or does not match the model being loaded."""
+
+
+def check_readable(path: Path) -> None:
+    """Raise CheckpointError if `path` cannot be opened for reading (a permission problem, not a corrupt file)."""
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: permission denied, this user cannot read the file: fix its permissions "
+                              f"(e.g. chmod a+r {path}) or run as its owner.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -35,6 +44,7 @@ class LazySafetensors(Mapping):
     def __init__(self, files: list[Path]):
         self.files, self.where = files, {}
         for f in files:
+            check_readable(f)
             try:
                 with safe_open(f, framework="pt", device="cpu") as h:
                     for k in h.keys():
@@ -127,6 +137,7 @@ def read_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     if path.suffix in (".pth", ".pt", ".bin"):
         if not path.exists():
             raise CheckpointError(f"{path}: no such file.")
+        check_readable(path)
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
@@ -183,19 +194,43 @@ def check_keys(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, file,
 
 
 def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, file, layout: str,
-                dtype: torch.dtype | None = None, keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
+                dtype: torch.dtype | None = None, keep_fp32: tuple[str, ...] = (),
+                progress: bool = True) -> torch.nn.Module:
     """Load `sd` into `module` (built on the meta device) strictly, converting dtype tensor by tensor.
 
     Floating tensors go to `dtype` (None: as stored) except names containing a `keep_fp32` substring, which
     go to float32. Tensors are assigned, not copied, so peak memory stays near the size of the weights.
+    Every floating tensor is checked once for NaN / inf as it is read (a CheckpointError names the file and the
+    tensor); progress: a tqdm bar over the tensors.
     """
     check_keys(module, sd, file=file, layout=layout)
     out = {}
-    for k in module.state_dict():
+    for k in tqdm(module.state_dict(), desc=f"loading {Path(str(file)).name}", unit="tensor", disable=not progress,
+                  leave=False):
         t = sd[k]
         if t.is_floating_point():
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{file}: tensor {k!r} holds {int((~torch.isfinite(t)).sum())} NaN / inf "
+                                      "values: the file is corrupt (download it again) or was saved from a diverged "
+                                      "model.")
             to = torch.float32 if any(s in k for s in keep_fp32) else (dtype or t.dtype)
             t = t.to(to)
         out[k] = t
     module.load_state_dict(out, strict=True, assign=True)
     return module
+
+
+def fingerprint(path: str | os.PathLike) -> dict:
+    """A weight file's size and a fast content hash, so a video can be traced to its weights: sha256 of the
+    safetensors header (names, dtypes, shapes, byte offsets) or, for other files (.pth zip archives end with a
+    directory holding every entry's CRC-32), of the last MiB. Returns {"bytes", "sha256", "of"}."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            n = int.from_bytes(f.read(8), "little")
+            data, what = f.read(min(n, size - 8)), "safetensors header"
+        else:
+            f.seek(max(0, size - 2**20))
+            data, what = f.read(), "last MiB"
+    return {"bytes": size, "sha256": hashlib.sha256(data).hexdigest(), "of": what}

@@ -10,6 +10,7 @@ junhahyung/STGuidance `Wan2.1/pipeline.py`); CFG-Zero* (Fan et al. 2025, Eq. 9 a
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -136,7 +137,8 @@ class Guidance:
     """A guidance method and its parameters; any method can add STAS. Sections of docs/methods.md give each
     method's equations, sources, ambiguities and defaults.
 
-    method: one of METHODS. guidance_scale: the CFG scale g (lambda in the papers' CFG form).
+    method: one of METHODS. guidance_scale: the CFG scale g >= 0 (lambda in the papers' CFG form; 1 = cond only).
+    Every float setting must be finite; scales, weights and step counts >= 0 (ValueError otherwise).
     stas / stas_steps: STAS steering (interventions.Steer) on both CFG passes during the first K steps (Alg. 1).
     With STAS on, the DG degraded pass and the STG perturbed pass are steered too: the weak model is the steered
     model with the DG / STG perturbation on top, so the guidance term isolates that perturbation.
@@ -184,7 +186,11 @@ class Guidance:
                              "official value)")
         if self.method == "stg-official" and self.stg_rescale:
             raise ValueError("stg_rescale (Alg. 4) applies to method 'stg' only, not to 'stg-official'")
-        for name in ("dg_scale", "stg_scale", "zero_init_steps", "apg_norm_threshold"):
+        for name in ("guidance_scale", "dg_scale", "stg_scale", "stg_rescale", "apg_eta", "apg_norm_threshold",
+                     "apg_momentum"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} = {getattr(self, name)} must be a finite number")
+        for name in ("guidance_scale", "dg_scale", "stg_scale", "zero_init_steps", "apg_norm_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
 
@@ -192,6 +198,9 @@ class Guidance:
         """Raise ValueError for settings that do not fit the run (K > steps, block or channel out of range)."""
         if self.stas_steps > steps:
             raise ValueError(f"STAS K = {self.stas_steps} exceeds the {steps} sampling steps; use K <= {steps}")
+        if self.method == "cfg-zero*" and self.zero_init_steps > steps:
+            raise ValueError(f"CFG-Zero* zero_init_steps = {self.zero_init_steps} exceeds the {steps} sampling steps; "
+                             f"use at most {steps}")
         base, branches, _ = self.passes(0)
         for p in (base, *(p for _, p in branches)):
             p.validate(num_layers, dim)

@@ -14,8 +14,11 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -25,13 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import solvers
-from .checkpoints import CheckpointError, shape_of
-from .guidance import Guidance, from_preset
-from .text import NEGATIVE_PROMPT, encode_text, load_text_encoder, load_tokenizer, tiny_umt5_config, umt5_xxl_config
+from .checkpoints import CheckpointError, LazySafetensors, fingerprint, read_state_dict, shape_of, strip_prefix
+from .guidance import OPTIONS, Guidance, from_preset, uses
+from .text import (NEGATIVE_PROMPT, encode_text, load_text_encoder, load_tokenizer, prompt_tokens as count_tokens,
+                   tiny_umt5_config, umt5_xxl_config)
 from .cogvideox import PRESETS as COG_PRESETS, latent_frames as cog_latent_frames, load_cogvideox, open_cogvideox
 from .cogvideox_vae import load_cogvideox_vae
 from .text import encode_t5, load_t5_encoder, tiny_t5_config
 from .wan import PRESETS, WanModel, find_experts, find_transformer, load_wan, native_config, open_wan
+from .video import umask
 from .wan_vae import WanVAE, WanVAE22, load_wan_vae, open_wan_vae
 
 SOLVERS = {  # Wan's flow solvers: name -> (solver, official grid)
@@ -42,6 +47,17 @@ SOLVERS = {  # Wan's flow solvers: name -> (solver, official grid)
 COG_SOLVERS = {"ddim": solvers.sample_ddim_vpred, "dpm": solvers.sample_dpm_vpred}  # CogVideoX v-prediction
 VAE_STRIDE = (4, 8, 8)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf appeared in a run (text embedding, latent after a solver step, decoded video): the message names
+    where. Weights are checked as they are loaded (checkpoints.load_strict raises a CheckpointError)."""
+
+
+def check_finite(x: torch.Tensor, where: str) -> None:
+    """Raise NonFiniteError(where) unless every value of x is finite: one reduction, well under 1 % of a step."""
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"non-finite values (NaN / inf) in {where}; nothing was written")
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,8 @@ class SampleConfig:
     dynamic_cfg: bool = False
 
     def check(self, stride: int = 16, family: "Family | None" = None) -> None:
-        """Raise ValueError for a frame count, size, step count, solver or shift the model cannot take. stride: the
+        """Raise ValueError for a frame count, size, step count, fps (>= 1), seed ([0, 2^63 - 1]), solver or shift
+        the model cannot take. stride: the
         size multiple, VAE stride x patch 2 (16 for the Wan2.1 and CogVideoX VAEs, 32 for Wan2.2 TI2V-5B); family:
         whose rules (solvers, shift, dynamic CFG) and name the messages use (None: Wan)."""
         family = family or WAN
@@ -77,6 +94,10 @@ class SampleConfig:
                                  f"try {max(stride, v // stride * stride)}")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.fps < 1:
+            raise ValueError(f"fps={self.fps} must be >= 1 (frames per second of the mp4)")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed} must be in [0, 2^63 - 1]")
         family.check(self)
 
     @classmethod
@@ -156,8 +177,8 @@ class WanFamily(Family):
 
     def check(self, run):
         super().check(run)
-        if run.shift is None or run.shift <= 0:
-            raise ValueError(f"shift={run.shift} must be > 0")
+        if run.shift is None or not 0 < run.shift < float("inf"):
+            raise ValueError(f"shift={run.shift} must be a finite number > 0")
         if run.dynamic_cfg:
             raise ValueError("dynamic CFG is CogVideoX's (its w(t) formula is tied to its timesteps); Wan runs a "
                              "constant scale: drop --dynamic-cfg")
@@ -313,13 +334,39 @@ def _complete(found: dict, path, vae, text_encoder, tokenizer) -> dict:
 def detect_family(found: dict, preset: str | None = None) -> Family:
     """The family of a checkpoint (`find_checkpoint`): the preset's if one is given, else from the DiT's key names
     (headers only): CogVideoX's `patch_embed.proj.weight` or Wan's `patch_embedding`."""
+    for f in (found["experts"] or {"dit": found["transformer"]}).values():
+        check_kind(LazySafetensors(find_transformer(f)).keys(), f, "DiT", "--ckpt")
     if preset is not None:
         return family_of(preset)
     if found["experts"] is None:
-        from .checkpoints import LazySafetensors
         if "patch_embed.proj.weight" in LazySafetensors(find_transformer(found["transformer"])).keys():
             return COGVIDEOX
     return WAN
+
+
+def component_of(keys) -> str:
+    """What a state dict's key names say it is: 'DiT' (Wan patch_embedding / CogVideoX patch_embed), 'VAE'
+    (encoder. / decoder. keys), 'text encoder' (T5 / umt5 names) or 'unknown'. A ComfyUI / single-file prefix
+    is ignored."""
+    keys = [k.removeprefix("model.diffusion_model.").removeprefix("first_stage_model.").removeprefix("vae.")
+            for k in keys]
+    if any(k.startswith(("patch_embedding.", "patch_embed.")) for k in keys):
+        return "DiT"
+    if any(k in ("shared.weight", "token_embedding.weight") or k.startswith("encoder.block.") for k in keys):
+        return "text encoder"
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "VAE"
+    return "unknown"
+
+
+def check_kind(keys, path, want: str, flag: str) -> None:
+    """Raise CheckpointError if the keys of `path` are those of another component than `want` (e.g. a VAE file
+    given as the DiT), naming the file and the option it belongs to."""
+    kind = component_of(keys)
+    if kind not in (want, "unknown"):
+        where = {"DiT": "--ckpt", "VAE": "--vae", "text encoder": "--text-encoder"}[kind]
+        raise CheckpointError(f"{path}: this is a {kind} checkpoint, not a {want}: give it with {where}, and the "
+                              f"{want} with {flag}.")
 
 
 def detect_preset(found: dict, preset: str | None = None) -> str:
@@ -356,6 +403,14 @@ def load_text(found: dict, preset: str, dtype: torch.dtype = torch.bfloat16, dev
     config = tiny_umt5_config(len(tok)) if tiny else \
         None if path.is_dir() else umt5_xxl_config()  # a transformers folder brings its config.json
     return tok, load_text_encoder(path, config=config, dtype=dtype, device=device)
+
+
+def prompt_tokens(preset: str, prompts: list[str], tok) -> list[int]:
+    """The tokens of each prompt the preset's text encoder reads (umt5: 512, EOS included; CogVideoX's T5: 226);
+    a longer prompt is truncated, with a UserWarning saying how many tokens are dropped (text.prompt_tokens)."""
+    if family_of(preset) is COGVIDEOX:
+        return count_tokens(prompts, tok, preset_of(preset).config.max_text_seq_length, clean=False, encoder="T5")
+    return count_tokens(prompts, tok, PRESETS[preset].config.text_len, encoder="umt5")
 
 
 def encode_with(preset: str, prompts: list[str], tok, enc, device=None) -> torch.Tensor:
@@ -448,9 +503,10 @@ class Pipeline:
             model, preset, dit_layout = load_wan(found["transformer"], preset=preset, dtype=dtype, device=device)
         tok, enc = load_text(found, preset, text_dtype, device) if with_text_encoder else (None, None)
         vae_model = load_vae(found["vae"], preset, device)
+        dits = (found["experts"] or {"dit": found["transformer"]}).values()
         info = {"family": family_of(preset).name,
                 "checkpoint": str(Path(path or found["transformer"]).resolve()), "layout": found["layout"],
-                "dit_layout": dit_layout,
+                "dit_layout": dit_layout, "dit_files": [str(f.resolve()) for d in dits for f in find_transformer(d)],
                 **{k: str(Path(found[k]).resolve()) for k in ("vae", "text_encoder", "tokenizer")}}
         if experts:
             info["experts"] = {k: str(Path(v).resolve()) for k, v in found["experts"].items()}
@@ -463,7 +519,10 @@ class Pipeline:
         return patch_weight(self.model).device
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> context float32 as the family encodes them (`encode_with`)."""
+        """Prompts -> context float32 as the family encodes them (`encode_with`); the prompts' token counts go to
+        `prompt_tokens` (the sidecar records them), a prompt longer than the encoder's window is truncated with a
+        warning."""
+        self.prompt_tokens = prompt_tokens(self.info["preset"], prompts, self.tokenizer)
         return encode_with(self.info["preset"], prompts, self.tokenizer, self.text_encoder, device=self.device)
 
     def timesteps(self, t: torch.Tensor, latent_shape, first_frame: bool) -> torch.Tensor:
@@ -541,7 +600,9 @@ class Pipeline:
         (the frame is re-pinned), so steering it can never alter the image; its tokens remain keys of every other
         token's attention, which is the path STAS acts through; and S stays the same positional set as in T2V, so
         T2V and I2V runs are comparable. Steer(tokens='boundary') leaves F0 out.
-        Raises ValueError for a run, guidance or conditioning the model cannot take.
+        Raises ValueError for a run, guidance or conditioning the model cannot take; NonFiniteError when the
+        context, a step's x0 prediction x - sigma v (the latent the step saw and its guided prediction: one reduction
+        per step) or the final latent holds a NaN / inf, naming the step, its sigma, the expert and the method.
         """
         p, c, fam = self.preset, self.preset.config, self.family
         run.check(fam.stride(p), fam)
@@ -554,6 +615,7 @@ class Pipeline:
         if context is None:
             neg = fam.negative_prompt if run.negative_prompt is None else run.negative_prompt
             context = self.encode([run.prompt, neg])
+        check_finite(context, "the text embedding (text encoder output, before sampling)")
         generator = torch.Generator("cpu").manual_seed(run.seed) if generator is None else generator
         x = fam.noise(shape, generator) if x is None else x
         if tuple(x.shape) != tuple(shape):
@@ -564,8 +626,13 @@ class Pipeline:
             project = lambda x: torch.cat([z0, x[:, :, 1:]], dim=2)  # noqa: E731 -- pin latent frame 0 to z0
         bar = tqdm(total=run.steps, disable=not progress, desc="sampling", unit="step")
 
-        def step_done(info):
+        def step_done(info):  # every solver step: one finiteness check of its x0 = x - sigma v, then the callback
             bar.update(1)
+            i, where = info["i"], self.expert_steps[-1] if self.expert_steps else "dit"
+            check_finite(info["x0"], f"solver step {i + 1} of {run.steps} (step index {i}, sigma {info['sigma']:.4g}, "
+                                     f"{'DiT' if where == 'dit' else where + '-noise expert'}, guidance "
+                                     f"{self.guidance_name(guidance, where)}): the latent or the guided prediction "
+                                     "overflowed (with --dtype float16 / bfloat16, try float32)")
             if callback is not None:
                 callback(info)
 
@@ -573,9 +640,33 @@ class Pipeline:
         denoise = self.denoiser(context.to(self.device), guidance, sigmas, first_frame is not None,
                                 None if concat is None else concat.to(self.device, torch.float32),
                                 run.steps if run.dynamic_cfg else None)
-        x = fam.solve(run, p, denoise, x.to(self.device), sigmas, step_done, project, generator)
-        bar.close()
+        try:
+            x = fam.solve(run, p, denoise, x.to(self.device), sigmas, step_done, project, generator)
+        finally:
+            bar.close()
+        check_finite(x, f"the latent after the last solver step ({run.steps} of {run.steps})")
         return x[:, :, pad:]
+
+    @staticmethod
+    def guidance_name(guidance, expert: str) -> str:
+        g = guidance if isinstance(guidance, Guidance) else guidance.get(expert)
+        return "cfg" if g is None else g.method + (" + STAS" if g.stas is not None else "")
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor, progress: bool = True) -> torch.Tensor:
+        """Latent (1, C, F, h, w) -> video (1, 3, T, H, W) through the VAE's `decode_frames` (one latent frame or
+        frame batch at a time, with a tqdm bar over the pixel frames); raises NonFiniteError naming the VAE decoder
+        if the video holds a NaN or inf."""
+        t = latent.shape[2]
+        total = self.vae.num_frames(t) if hasattr(self.vae, "num_frames") else 1 + self.vae.time_factor * (t - 1)
+        chunks = []
+        with tqdm(total=total, disable=not progress, desc="decoding", unit="frame") as bar:
+            for chunk in self.vae.decode_frames(latent):
+                chunks.append(chunk)
+                bar.update(chunk.shape[2])
+        video = torch.cat(chunks, dim=2)
+        check_finite(video, "the decoded video (VAE decoder output)")
+        return video
 
     def check_conditioning(self, shape, first_frame, concat) -> None:
         """Raise ValueError if an image condition does not fit the model (kind, channels, frames, size)."""
@@ -597,8 +688,9 @@ class Pipeline:
                 raise ValueError(f"concat has shape {tuple(concat.shape)}; this run needs {want}")
 
     def __call__(self, run: SampleConfig, guidance: Guidance, **kw) -> torch.Tensor:
-        """Generate a video (3, T, H, W) in [-1, 1]."""
-        return self.vae.decode(self.sample(run, guidance, **kw))[0]
+        """Generate a video (3, T, H, W) in [-1, 1]; raises NonFiniteError if a NaN / inf appears (see `sample`,
+        `decode`)."""
+        return self.decode(self.sample(run, guidance, **kw), kw.get("progress", True))[0]
 
 
 WanPipeline = Pipeline  # the name before CogVideoX joined the loop
@@ -646,13 +738,30 @@ def guidance_for(preset, method: str = "cfg", stas: bool = False, steer: tuple[s
 def check_vae(found: dict, preset: str) -> None:
     """Cheap check, before heavy work (keys and shapes only), that the checkpoint's VAE fits the DiT: a Wan2.1 VAE
     (z 16, stride 8) given to TI2V-5B, or the Wan2.2 VAE (z 48, stride 16) given to a Wan2.1 / A14B model, raises a
-    CheckpointError naming the file and the VAE the model needs. CogVideoX: its loader names a Wan VAE given to it."""
-    if family_of(preset) is COGVIDEOX:
+    CheckpointError naming the file and the VAE the model needs. A VAE of the other family (a CogVideoX vae/ given
+    to Wan, a Wan VAE given to CogVideoX) and a file of another component (a DiT or text encoder given as the VAE)
+    are named as such."""
+    path = Path(found["vae"])
+    cog = family_of(preset) is COGVIDEOX
+    pth = sorted(f.name for f in path.glob("*.pth")) if path.is_dir() else []
+    if cog and pth and not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path}: holds {pth}, a Wan VAE, but {preset} is a CogVideoX model: give its "
+                              "diffusers vae/ folder (AutoencoderKLCogVideoX, config.json + safetensors) with --vae")
+    keys = list(strip_prefix(read_state_dict(path)))
+    check_kind(keys, path, "VAE", "--vae")
+    is_cog = "decoder.conv_in.conv.weight" in keys
+    if cog and not is_cog:
+        raise CheckpointError(f"{path}: a Wan VAE, but {preset} is a CogVideoX model: give the CogVideoX vae/ folder "
+                              "(AutoencoderKLCogVideoX) with --vae")
+    if cog:
         return
     p = PRESETS[preset]
-    _, layout, version, _, z_dim = open_wan_vae(found["vae"])
+    need = "the Wan2.2 VAE (Wan2.2_VAE.pth)" if p.vae == "wan2.2" else "the Wan2.1 VAE (Wan2.1_VAE.pth)"
+    if is_cog:
+        raise CheckpointError(f"{path}: a CogVideoX VAE (AutoencoderKLCogVideoX), but {preset} is a Wan model: pass "
+                              f"{need} with --vae")
+    _, layout, version, _, z_dim = open_wan_vae(path)
     if z_dim != p.config.out_dim:
-        need = "the Wan2.2 VAE (Wan2.2_VAE.pth)" if p.vae == "wan2.2" else "the Wan2.1 VAE (Wan2.1_VAE.pth)"
         raise CheckpointError(f"{found['vae']}: a {version} VAE ({layout} layout, {z_dim} latent channels), but "
                               f"{preset} works on {p.config.out_dim}-channel latents: pass {need} with --vae")
 
@@ -666,18 +775,71 @@ def load_vae(path, preset: str, device="cpu"):
     return load_wan_vae(path, dtype=torch.float32, device=device)
 
 
-def sidecar(pipe: WanPipeline, run: SampleConfig, guidance: Guidance | Mapping[str, Guidance],
-            seconds: float | None = None, **extra) -> dict:
-    """Everything needed to reproduce a video: model, checkpoint, prompts, sampler, guidance, versions; for A14B the
-    guidance per expert and which expert ran each step (`expert_steps`, from the last `sample`); extra: more keys
-    (e.g. the conditioning image)."""
-    versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "safetensors")}
+def acting(g: Guidance) -> dict:
+    """The settings of a Guidance that act on its run: a field of a method (the OPTIONS group whose option names
+    equal or start with it: stas, stas_steps -> 'stas'; dg, dg_scale -> 'dg'; zero_init_steps -> 'cfg-zero*') is
+    kept only when the run uses that method (STAS: when it is on); method, CFG scale and fields of no group always.
+    Values as JSON (Steer / Zero as dicts)."""
+    groups = {name: group for name, _, group, _ in OPTIONS}
+    out = {}
+    for k, v in asdict(g).items():
+        group = next((grp for name, grp in groups.items() if name == k or name.startswith(k + "_")), None)
+        if k != "capture" and (group is None or uses(g.method, g.stas is not None, group)):
+            out[k] = v
+    return json.loads(json.dumps(out, default=str))
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> dict:
+    """minivdit's package version and, when run from a git checkout, its commit (with '+dirty' when the work tree
+    has uncommitted changes)."""
+    out = {}
     try:
-        versions["minivdit"] = importlib.metadata.version("minivdit")
+        out["minivdit"] = importlib.metadata.version("minivdit")
     except importlib.metadata.PackageNotFoundError:
         pass
-    as_json = lambda g: json.loads(json.dumps(asdict(g), default=str))  # noqa: E731
+    if (REPO / ".git").exists():
+        try:
+            git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,  # noqa
+                                            timeout=10).stdout.strip()
+            commit = git("rev-parse", "HEAD")
+            if commit:
+                out["minivdit_commit"] = commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
+                                                   else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".model", ".json")
+
+
+def weight_files(info: dict) -> dict:
+    """{path: checkpoints.fingerprint} of every file the run read weights or vocabulary from: the DiT files, the
+    VAE, the text encoder and the tokenizer (a folder: its files with a weight / tokenizer suffix)."""
+    paths = [Path(f) for f in info.get("dit_files", [])]
+    for k in ("vae", "text_encoder", "tokenizer"):
+        if k in info:
+            p = Path(info[k])
+            paths += sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES) if p.is_dir() else [p]
+    return {str(f): fingerprint(f) for f in paths if f.is_file()}
+
+
+def sidecar(pipe: WanPipeline, run: SampleConfig, guidance: Guidance | Mapping[str, Guidance],
+            seconds: float | None = None, **extra) -> dict:
+    """Everything needed to reproduce a video: model, checkpoint, prompts, sampler, guidance (only the settings that
+    act on the run, `acting`), versions and the minivdit commit (`code_version`), each weight file's size and fast
+    hash (`weight_files`), the prompts' token counts (when the pipeline encoded them; else pass prompt_tokens); for
+    A14B the guidance per expert and which expert ran each step (`expert_steps`, from the last `sample`); extra:
+    more keys (e.g. the conditioning image, the command line)."""
+    versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "safetensors")}
+    versions.update(code_version())
+    as_json = acting
     per_expert = not isinstance(guidance, Guidance)
+    if getattr(pipe, "prompt_tokens", None) is not None:
+        extra = {"prompt_tokens": pipe.prompt_tokens, **extra}
     record = {**pipe.info, **asdict(run), **extra,
               "guidance": {k: as_json(g) for k, g in guidance.items()} if per_expert else as_json(guidance)}
     record["negative_prompt"] = pipe.family.negative_prompt if run.negative_prompt is None else run.negative_prompt
@@ -691,6 +853,7 @@ def sidecar(pipe: WanPipeline, run: SampleConfig, guidance: Guidance | Mapping[s
     record["versions"] = dict(versions, python=platform.python_version())
     if seconds is not None:
         record["seconds"] = round(seconds, 2)
+    record["weight_files"] = weight_files(pipe.info)
     return record
 
 
@@ -707,6 +870,8 @@ def write_once(root: str | Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:
         write(tmp)
+        for f in (tmp, *tmp.rglob("*")):  # mkdtemp makes 0700: give the folder ordinary permissions (the umask's)
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask())
         if not root.exists():  # else another process finished first
             tmp.rename(root)
     finally:

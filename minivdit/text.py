@@ -24,6 +24,7 @@ import html
 import io
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -237,6 +238,32 @@ def load_tokenizer(path: str | os.PathLike):
 
 # ----------------------------------------------------------------------------------------------------------
 # encoding
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a text file, one per line; blank lines and lines starting with '#' are skipped. Raises
+    ValueError for a file with no usable line, FileNotFoundError / PermissionError for one that cannot be read."""
+    lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [s for s in lines if s and not s.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompt in this file (every line is blank or a # comment); write one prompt "
+                         "per line")
+    return prompts
+
+
+def prompt_tokens(prompts: list[str], tokenizer, text_len: int, clean: bool = True,
+                  encoder: str = "text encoder") -> list[int]:
+    """The tokens of each prompt the encoder reads (EOS included): its token count, at most text_len. A longer
+    prompt is truncated by `encode_text` / `encode_t5` (EOS kept); this warns (UserWarning) with the number of
+    tokens dropped. clean: count after `clean_prompt` (Wan), as `encode_text` tokenizes."""
+    counts = []
+    for k, p in enumerate(prompts):
+        n = len(tokenizer(clean_prompt(p) if clean else p, add_special_tokens=True).input_ids)
+        if n > text_len:
+            warnings.warn(f"prompt {k + 1} ({p[:40]!r}...) is {n} tokens long; the {encoder} reads {text_len}: "
+                          f"truncated, its last {n - text_len} tokens are dropped", stacklevel=2)
+        counts.append(min(n, text_len))
+    return counts
 
 
 @torch.no_grad()

@@ -17,15 +17,45 @@ import torch
 
 
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Raise FileExistsError if `path` (or its .json sidecar) exists and overwrite is False; create its folder."""
+    """Check, before any heavy work, that `path` can receive an mp4 and its .json sidecar; returns it as a Path.
+
+    Raises ValueError for a name not ending in .mp4, a path that is a folder, a file (or an unwritable folder) in
+    the way of its folder; FileExistsError if it or its sidecar exists and overwrite is False. Nothing is created:
+    the folder is made when the output is written (`atomic_write`)."""
     path = Path(path)
     if path.suffix != ".mp4":
         raise ValueError(f"output {path} must end in .mp4")
     for p in (path, path.with_suffix(".json")):
+        if p.is_dir():
+            raise ValueError(f"output {p} is a folder: give a file name, e.g. {p / 'sample.mp4'}")
         if p.exists() and not overwrite:
-            raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
+            raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite to replace it")
+    parent = path.parent.absolute()
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"output {path}: {existing} is a file, not a folder, so the output folder cannot be made; "
+                         "choose another --output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output {path}: no permission to write in {existing}; choose another --output")
     return path
+
+
+def numbered(path: str | os.PathLike) -> Path:
+    """The first of path, path-1, path-2, ... (same suffix) that neither exists nor has an existing .json sidecar:
+    re-running a command with its default output name writes a new file instead of failing."""
+    path = Path(path)
+    k, p = 0, path
+    while p.exists() or p.with_suffix(".json").exists():
+        k += 1
+        p = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return p
+
+
+def umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -35,10 +65,14 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp) on a temporary file in path's folder, then rename it to path (never a half-written file)."""
+    """Call write(tmp) on a temporary file in path's folder (made if missing), then rename it to path: never a
+    half-written file, and an exception or interrupt (Ctrl-C, SIGTERM via cli.run) leaves no temporary file. The file
+    gets the ordinary permissions of a new file (0666 less the umask, e.g. 0644), not mkstemp's 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~umask())
         write(tmp)
         os.replace(tmp, path)
     finally:

@@ -46,6 +46,7 @@ def parse(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="outputs/ma-analysis", help="output folder (report.json and PNGs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
@@ -153,4 +154,5 @@ def first_capture_dims(pipe, run, guidance, blocks) -> dict[str, list[int]]:
 
 
 if __name__ == "__main__":
-    main()
+    from minivdit import cli
+    cli.run(main)

@@ -132,6 +132,7 @@ def parse(argv=None):
     p.add_argument("--out", default="outputs/compare")
     p.add_argument("--overwrite", action="store_true", help="redo every job, also those done with other settings "
                                                             "(default: skip done jobs, refuse changed ones)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
@@ -417,4 +418,5 @@ def rows_from_sidecars(out: Path, jobs: list[Job]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from minivdit import cli
+    cli.run(main)
