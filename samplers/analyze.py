@@ -22,9 +22,12 @@ import torch  # noqa: E402
 from minivdit import distributed  # noqa: E402
 from minivdit.analysis import MAStats, write_plots  # noqa: E402
 from minivdit.guidance import Guidance  # noqa: E402
-from minivdit.pipeline import SampleConfig, WanPipeline, family_of, tiny_checkpoint  # noqa: E402
+from minivdit.pipeline import (SampleConfig, WanPipeline, detect_preset, family_of, find_checkpoint,  # noqa: E402
+                               tiny_checkpoint)
 from minivdit.report import write_report  # noqa: E402
+from minivdit.text import read_prompts  # noqa: E402
 from minivdit.video import write_json  # noqa: E402
+from samplers.sample import check_device  # noqa: E402
 
 
 def parse(argv=None):
@@ -52,22 +55,19 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    prompts = list(args.prompt)
-    if args.prompts:
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     prompts = prompts or ["A red fox trots through fresh snow in a pine forest at dawn."]
     out = Path(args.out)
     if (out / "report.json").exists() and not args.overwrite:
         raise FileExistsError(f"{out / 'report.json'} already exists; choose another --out or pass --overwrite")
 
-    device = distributed.init(args.device)
-    rank, world = distributed.rank(), distributed.world()
-    pipe = WanPipeline.load(args.ckpt or tiny_checkpoint(), device=device)
-    d, c = pipe.preset, pipe.model.config
+    ckpt = args.ckpt or tiny_checkpoint()
+    preset = detect_preset(find_checkpoint(ckpt))  # every check below runs on the headers, before the load
+    family = family_of(preset)
+    d, c = family.presets[preset], family.presets[preset].config
     pick = lambda v, default: default if v is None else v
     runs = [SampleConfig.from_preset(d, t, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                                      shift=args.shift, seed=args.seed + k) for k, t in enumerate(prompts)]
-    family = family_of(pipe.info["preset"])
     runs[0].check(family.stride(d), family)
     blocks = pick(args.blocks, list(range(c.num_layers)))
     if any(not 0 <= b < c.num_layers for b in blocks):
@@ -76,6 +76,14 @@ def main(argv=None):
         a1 = [(5, 15)] if runs[0].steps > 5 and 15 in blocks else []
     else:
         a1 = [] if args.a1 == "none" else [tuple(int(v) for v in pair.split(":")) for pair in args.a1.split(",")]
+    for step, block in [*a1, (args.plot_step, args.plot_block)]:
+        if step is not None and not 0 <= step < runs[0].steps:
+            raise ValueError(f"step {step} (--a1 / --plot-step) is outside the run's steps 0..{runs[0].steps - 1}")
+        if block is not None and block not in blocks:
+            raise ValueError(f"block {block} (--a1 / --plot-block) is not recorded; recorded blocks: {blocks}")
+    device = distributed.init(check_device(args.device))
+    rank, world = distributed.rank(), distributed.world()
+    pipe = WanPipeline.load(ckpt, preset, device=device)
     layout = pipe.model.layout(family.latent(runs[0], d)[0])  # the latent the DiT runs on (CogVideoX1.5: padded)
     names = [e.name for e in d.experts] or [""]  # A14B: one set of statistics per expert (MA channels are per network)
     stats = {n: MAStats(layout, c.dim, blocks, runs[0].steps, p=args.p, a1_slots=a1) for n in names}

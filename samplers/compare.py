@@ -56,11 +56,12 @@ from minivdit.metrics import (BACKBONES, FIDELITY_METRICS, TRANSITION_METRICS, e
                               video_metrics)
 from minivdit.pipeline import (COG_SOLVERS, DTYPES, FAMILIES, SOLVERS, SampleConfig, WanPipeline,  # noqa: E402
                                check_vae, detect_preset, encode_with, family_of, find_checkpoint, guidance_for,
-                               load_text, sidecar, tiny_checkpoint)
+                               load_text, prompt_tokens, sidecar, tiny_checkpoint)
 from minivdit.report import write_report  # noqa: E402
 from minivdit.specs import GRAMMAR, Spec, filename, parse_specs  # noqa: E402
+from minivdit.text import read_prompts  # noqa: E402
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
-from samplers.sample import add_guidance_args  # noqa: E402
+from samplers.sample import add_guidance_args, check_device  # noqa: E402
 
 KEYS = ("method", "prompt", "seed")
 COST = ("passes_per_step", "seconds_per_step", "overhead_vs_cfg")
@@ -261,12 +262,11 @@ def write_plots(out: Path, rows: list[dict], labels: list[str], summary: list[di
 
 def main(argv=None):
     args = parse(argv)
-    device = distributed.init(args.device)  # torchrun: join the process group (cuda -> cuda:LOCAL_RANK)
+    device = distributed.init(check_device(args.device))  # torchrun: join the group (cuda -> cuda:LOCAL_RANK)
     runs = parse_methods(args.methods or [DEFAULT_METHODS])  # before anything is read
     labels = [r.label for r in runs]
     check_flags(runs, args)
-    prompts = list(args.prompt) + ([s.strip() for s in Path(args.prompts).read_text().splitlines() if s.strip()]
-                                   if args.prompts else [])
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     prompts = prompts or ["A red fox trots through fresh snow in a pine forest at dawn."]
     seeds = [int(s) for s in args.seeds.split(",")]
     if len(set(seeds)) != len(seeds):
@@ -357,6 +357,7 @@ def sample_jobs(mine, args, found, ckpt, preset, run, guidances, keys, out, devi
     never depends on which prompts share a rank), load the model once, sample, write mp4 + sidecar (temporal
     metrics on the uint8 frames before mp4 encoding)."""
     tok, enc = load_text(found, preset, device=device)  # freed before the DiT is loaded
+    prompt_tokens(preset, [*dict.fromkeys(j.prompt for j in mine), run.negative_prompt], tok)  # warns if truncated
     contexts = {k: encode_with(preset, [p, run.negative_prompt], tok, enc, device=device)
                 for k, p in sorted({(j.k, j.prompt) for j in mine})}  # (2, text_len, text_dim): [cond, uncond]
     del tok, enc
@@ -371,7 +372,7 @@ def sample_jobs(mine, args, found, ckpt, preset, run, guidances, keys, out, devi
                              callback=lambda info: stamps.append(time.perf_counter()))
         per_step = np.diff(stamps)
         timed = per_step[1:] if r.steps > 1 else per_step  # step 1 is warm-up
-        video = to_uint8(pipe.vae.decode(latent)[0])  # (T, H, W, 3) uint8
+        video = to_uint8(pipe.decode(latent, progress=False)[0])  # (T, H, W, 3) uint8; refuses NaN / inf
         path = write_mp4(j.path(out), video, r.fps, overwrite=True)  # a job without a sidecar is unfinished
         start = time.perf_counter()
         score = video_metrics(video, stride, backbones=backbones, flow_size=args.flow_size or None) \

@@ -316,6 +316,30 @@ def test_prompt_file_without_a_usable_line(tmp_path):
     assert read_prompts(f) == ["a cat", "the sea"]
 
 
+def test_compare_and_analyze_refuse_bad_input_before_loading(wan, tmp_path, monkeypatch):
+    """An empty prompt file, --device cuda without a GPU and plot / A.1 indices outside the run are refused by
+    compare.py and analyze.py before any model is loaded."""
+    from samplers import analyze, compare
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(Pipeline, "load", no_load)
+    monkeypatch.setattr(compare, "load_text", no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    empty = tmp_path / "p.txt"
+    empty.write_text("\n# only a comment\n")
+    for script, argv in ((compare, ["--out", str(tmp_path / "c")]), (analyze, ["--out", str(tmp_path / "a")])):
+        with pytest.raises(ValueError, match="no prompt in this file"):
+            script.main(["--prompts", str(empty), *argv])
+        with pytest.raises(ValueError, match="--device cpu"):
+            script.main(["--device", "cuda", *argv])
+    base = ["--steps", "3", "--out", str(tmp_path / "a")]
+    with pytest.raises(ValueError, match=r"step 3 .* outside the run's steps 0..2"):
+        analyze.main([*base, "--plot-step", "3"])
+    with pytest.raises(ValueError, match=r"block 7 .* not recorded"):
+        analyze.main([*base, "--blocks", "0", "1", "--a1", "1:7"])
+
+
 def test_large_cpu_run_prints_an_estimate_first(wan, capsys):
     from minivdit.pipeline import family_of, find_checkpoint
     found = find_checkpoint(wan)
