@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import json
+import math
 import platform
 import shutil
 import tempfile
@@ -143,6 +144,11 @@ class Family:
         """A grid value -> the DiT's int64 timestep (0-d)."""
         raise NotImplementedError
 
+    def levels(self, preset, grid: torch.Tensor) -> list[tuple[float, float, float, float]]:
+        """Per step i: (a, s, a', s') with x = a x0 + s eps at the step's grid value and at the one-step solver's
+        target (CFG++'s renoising needs them)."""
+        raise NotImplementedError
+
     def solve(self, run: SampleConfig, preset, denoise, x, grid, callback, project, generator) -> torch.Tensor:
         raise NotImplementedError
 
@@ -173,6 +179,10 @@ class WanFamily(Family):
 
     def timestep(self, value):
         return solvers.timestep(value)
+
+    def levels(self, preset, grid):
+        s = grid.to(torch.float32).tolist()  # the solvers' step math uses the float32 grid
+        return [(1 - a, a, 1 - b, b) for a, b in zip(s, s[1:])]
 
     def solve(self, run, preset, denoise, x, grid, callback, project, generator):
         return SOLVERS[run.solver][0](denoise, x, grid, callback, project=project)
@@ -228,6 +238,10 @@ class CogVideoXFamily(Family):
 
     def timestep(self, value):
         return torch.tensor(int(value), dtype=torch.int64)
+
+    def levels(self, preset, grid):
+        vp = solvers._vp_grid(grid, solvers.cogvideox_alphas_cumprod(preset.snr_shift_scale))
+        return [(math.sqrt(a), math.sqrt(1 - a), math.sqrt(b), math.sqrt(1 - b)) for _, a, b, _ in vp]
 
     def solve(self, run, preset, denoise, x, grid, callback, project, generator):
         if project is not None:
@@ -494,6 +508,7 @@ class Pipeline:
         """
         step = {s: i for i, s in enumerate(sigmas.tolist())}
         state: dict = {}
+        levels = self.family.levels(self.preset, sigmas)  # CFG++'s (a, s, a', s') per step
 
         def denoise(x, sigma):
             i = step[sigma]
@@ -510,7 +525,7 @@ class Pipeline:
             v = model(xin.expand(2, *xin.shape[1:]), self.timesteps(t, x.shape, first_frame), context, perturb,
                       branches)  # (2 + branches, C, F, H, W)
             preds = dict(zip(("cond", "uncond", *names), v[:, None].unbind(0)))
-            return g.combine(preds, x, sigma, i, state)
+            return g.combine(preds, x, sigma, i, state, levels=levels[i] if i < len(levels) else None)
 
         return denoise
 
@@ -546,7 +561,7 @@ class Pipeline:
         p, c, fam = self.preset, self.preset.config, self.family
         run.check(fam.stride(p), fam)
         for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values()):
-            g.check(run.steps, c.num_layers, c.dim)
+            g.check(run.steps, c.num_layers, c.dim, run.solver)
             fam.check_guidance(g)
         shape, pad = fam.latent(run, p)
         self.check_conditioning(shape, first_frame, concat)
