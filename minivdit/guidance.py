@@ -10,7 +10,8 @@ junhahyung/STGuidance `Wan2.1/pipeline.py`); CFG-Zero* (Fan et al. 2025, Eq. 9 a
 tests/test_comparators.py): PAG (Ahn et al. 2024), SEG (Hong 2024, official SEG-SDXL), FDG (Sadat et al. 2025,
 diffusers FrequencyDecoupledGuidance), TCFG (arXiv 2503.18137, diffusers normalized_guidance), MAMBO-G
 magnitude-aware guidance (arXiv 2508.03442, diffusers mambo_guidance), AutoGuidance (Karras et al. 2024, as
-diffusers' AutoGuidance builds its bad model), CFG++ (Chung et al. 2025, official CFGpp `BaseDDIMCFGpp`).
+diffusers' AutoGuidance builds its bad model), CFG++ (Chung et al. 2025, official CFGpp `BaseDDIMCFGpp`), FlowMo
+(Shaulov et al. 2025, official arielshaulov/FlowMo `motion_optimizer.py`, `wan/text2video.py`).
 """
 from __future__ import annotations
 
@@ -167,11 +168,28 @@ def cfgpp(v_cond, v_uncond, scale: float, levels: tuple[float, float, float, flo
     return cfg(v_cond, v_uncond, scale * a2 * s / (a2 * s - s2 * a))
 
 
+def flowmo_loss(v):
+    """FlowMo's patch-wise temporal variance (docs/methods.md#flowmo; official `calculate_motion_variance`): v (B, C,
+    F, H, W), the CFG prediction; D_f = |v[:, :, f] - v[:, :, f - 1]| (latent frames), their population variance over
+    the F - 1 differences per (c, h, w), the mean over channels, then the max over (h, w). Returns (B,): a patch is
+    one latent pixel (all C channels)."""
+    d = (v[:, :, 1:] - v[:, :, :-1]).abs()  # (B, C, F - 1, H, W)
+    return d.var(dim=2, unbiased=False).mean(1).flatten(1).amax(1)  # (B,)
+
+
+def flowmo_step(x, grad, lr: float):
+    """FlowMo's latent update: one step of a fresh Adam (torch defaults betas (0.9, 0.999), eps 1e-8) on x, which is
+    x - lr g / (|g| + 1e-8) elementwise (bias corrections cancel at the first step)."""
+    return x - lr * grad / (grad.abs() + 1e-8)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # methods
 
 METHODS = ("cfg", "cfg-zero*", "apg", "dg", "stg", "stg-official", "pag", "seg", "fdg", "tcfg", "mag", "autoguidance",
-           "cfgpp")
+           "cfgpp", "flowmo")
+# FlowMo's optimised model timesteps (official wan/text2video.py; steps 0-11 of Wan2.1's 50-step UniPC grid, shift 5)
+FLOWMO_TIMESTEPS = (999, 995, 991, 987, 982, 978, 973, 968, 963, 957, 952, 946)
 STEP_SOLVERS = ("euler", "ddim")  # one-step solvers CFG++ is defined for (its update replaces their step)
 STG_SCALE = {"R": 1.0, "A": 2.0}  # STG appendix A1: "STG-A using a scale of 2.0 and STG-R using 1.0"
 STG_RESCALE_ON = 0.7  # the rescale factor of the official STGuidance pipelines whenever rescaling is on
@@ -180,6 +198,13 @@ STG_RESCALE_ON = 0.7  # the rescale factor of the official STGuidance pipelines 
 def ints(s) -> tuple[int, ...]:
     """'1,2' -> (1, 2): a comma-separated list of block or channel indices ('' -> ())."""
     return tuple(int(v) for v in str(s).split(",") if v.strip())
+
+
+def yes(s) -> bool:
+    """'1' / 'true' / 'yes' -> True, '0' / 'false' / 'no' -> False."""
+    if str(s).lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"expected 1/true/yes or 0/false/no, got {s!r}")
+    return str(s).lower() in ("1", "true", "yes")
 
 
 def floats(s) -> tuple[float, ...]:
@@ -225,6 +250,12 @@ OPTIONS = (
     ("mag_alpha", float, "mag", "magnitude-aware guidance (MAMBO-G) alpha >= 0 (default 8.0, diffusers)"),
     ("ag_blocks", ints, "autoguidance", "AutoGuidance: blocks the bad model skips on the uncond pass (default 1)"),
     ("cfgpp_scale", float, "cfgpp", "CFG++ scale lambda in [0, 1] (default 0.6, the official README's DDIM value)"),
+    ("flowmo_lr", float, "flowmo", "FlowMo learning rate of its Adam step on the latent, >= 0 (default 0.001, "
+                                   "official)"),
+    ("flowmo_timesteps", ints, "flowmo", "FlowMo: the model timesteps (0..999) whose step optimises the latent "
+                                         "(default: the official 999,...,946 = Wan's first 12 of 50 UniPC steps)"),
+    ("flowmo_checkpoint", yes, "flowmo", "FlowMo: activation checkpointing over blocks in its gradient passes "
+                                         "(1 / 0; default 0)"),
 )
 
 
@@ -255,7 +286,8 @@ class Guidance:
     each, combined as STG: v_u + g (v_c - v_u) + s (v_c - v_perturbed). fdg_scales: FDG's per-level scales (finest
     first; replaces g). mag_alpha: MAMBO-G's alpha. ag_blocks: AutoGuidance's bad model skips these blocks on the
     uncond pass: v = v_bad + g (v_c - v_bad) (() = plain CFG). cfgpp_scale: CFG++'s lambda in [0, 1] (replaces g);
-    Euler / DDIM only. TCFG uses g. docs/methods.md gives each method's sources and choices.
+    Euler / DDIM only. TCFG uses g. flowmo_lr / flowmo_timesteps / flowmo_checkpoint: FlowMo's latent update (CFG
+    combine; the pipeline's `flowmo_update` hook). docs/methods.md gives each method's sources and choices.
     capture: called as capture(block, h) with every block output of the base batch (massive-activation analysis).
     """
     method: str = "cfg"
@@ -281,6 +313,9 @@ class Guidance:
     mag_alpha: float = 8.0
     ag_blocks: tuple[int, ...] = (1,)
     cfgpp_scale: float = 0.6
+    flowmo_lr: float = 1e-3
+    flowmo_timesteps: tuple[int, ...] = FLOWMO_TIMESTEPS
+    flowmo_checkpoint: bool = False
     capture: Callable[[int, torch.Tensor], None] | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -312,7 +347,7 @@ class Guidance:
             if self.method == name[:3] and not getattr(self, name):
                 raise ValueError(f"method {self.method!r} needs {name} (the blocks to perturb)")
         for name in ("dg_scale", "stg_scale", "zero_init_steps", "apg_norm_threshold", "pag_scale", "seg_scale",
-                     "mag_alpha"):
+                     "mag_alpha", "flowmo_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
 
@@ -388,8 +423,13 @@ class Guidance:
         return cfg(c, u, g)
 
     def passes_per_step(self) -> int:
-        """Model passes per step (a shared-prefix branch counts as one)."""
-        return 2 + len(self.passes(0)[1])
+        """Model passes per step (a shared-prefix branch counts as one). FlowMo: on its optimised steps, 2 more
+        forwards with gradients (+ their backward, and with checkpointing their recomputation)."""
+        return 2 + len(self.passes(0)[1]) + (2 if self.method == "flowmo" else 0)
+
+    def flowmo_active(self, t: int) -> bool:
+        """Whether FlowMo updates the latent at model timestep t."""
+        return self.method == "flowmo" and self.flowmo_lr != 0 and int(t) in self.flowmo_timesteps
 
 
 def from_preset(preset, method: str = "cfg", stas: bool = False, **overrides) -> Guidance:
@@ -461,5 +501,6 @@ def defaults_table(presets: dict) -> str:
                  f"(scaling rule omega {Steer.__dataclass_fields__['omega'].default}). Comparators: PAG blocks "
                  f"{g.pag_blocks}, scale {g.pag_scale}; SEG blocks {g.seg_blocks}, scale {g.seg_scale}, sigma "
                  f"{g.seg_sigma:g} (infinite); FDG scales {g.fdg_scales} (finest first); MAG alpha {g.mag_alpha}; "
-                 f"AutoGuidance skipped blocks {g.ag_blocks}; CFG++ lambda {g.cfgpp_scale}; TCFG and MAG use CFG g."]
+                 f"AutoGuidance skipped blocks {g.ag_blocks}; CFG++ lambda {g.cfgpp_scale}; FlowMo lr {g.flowmo_lr} at "
+                 f"timesteps {g.flowmo_timesteps}; TCFG and MAG use CFG g."]
     return "\n".join(rows)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
+import torch.utils.checkpoint
 
 TOKEN_SETS = ("first", "boundary", "first+boundary")
 RULES = ("max", "scaling")
@@ -169,6 +170,7 @@ class Perturb:
     identity_attn: frozenset[int] = frozenset()
     blur_attn: frozenset[int] = frozenset()
     blur_sigma: float = math.inf
+    checkpoint: bool = field(default=False, compare=False)  # recompute each block in backward (FlowMo's gradients)
     capture: Callable[[int, torch.Tensor], None] | None = field(default=None, compare=False)
 
     def validate(self, num_layers: int, dim: int) -> None:
@@ -239,7 +241,11 @@ def run_blocks(block, num_layers: int, h: torch.Tensor, cond: tuple[torch.Tensor
         spawn(i, 0)
         for g in groups:
             skipped, identity, blur = g[2].inside(i)
-            if not skipped:  # STG-R: a skipped block's output is its input
+            if skipped:  # STG-R: a skipped block's output is its input
+                continue
+            if g[2].checkpoint and torch.is_grad_enabled():  # activation checkpointing: memory of one block
+                g[0] = torch.utils.checkpoint.checkpoint(block, i, g[0], g[1], identity, blur, use_reentrant=False)
+            else:
                 g[0] = block(i, g[0], g[1], identity, blur)
         spawn(i, 1)
         for g in groups:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import solvers
 from .checkpoints import CheckpointError, shape_of
-from .guidance import Guidance, from_preset
+from .guidance import Guidance, cfg, flowmo_loss, flowmo_step, from_preset
 from .text import NEGATIVE_PROMPT, encode_text, load_text_encoder, load_tokenizer, tiny_umt5_config, umt5_xxl_config
 from .cogvideox import PRESETS as COG_PRESETS, latent_frames as cog_latent_frames, load_cogvideox, open_cogvideox
 from .cogvideox_vae import load_cogvideox_vae
@@ -149,7 +149,9 @@ class Family:
         target (CFG++'s renoising needs them)."""
         raise NotImplementedError
 
-    def solve(self, run: SampleConfig, preset, denoise, x, grid, callback, project, generator) -> torch.Tensor:
+    def solve(self, run: SampleConfig, preset, denoise, x, grid, callback, project, generator,
+              update=None) -> torch.Tensor:
+        """Run run.solver over grid; project / update: the solvers' hooks (solvers module docstring)."""
         raise NotImplementedError
 
 
@@ -184,8 +186,8 @@ class WanFamily(Family):
         s = grid.to(torch.float32).tolist()  # the solvers' step math uses the float32 grid
         return [(1 - a, a, 1 - b, b) for a, b in zip(s, s[1:])]
 
-    def solve(self, run, preset, denoise, x, grid, callback, project, generator):
-        return SOLVERS[run.solver][0](denoise, x, grid, callback, project=project)
+    def solve(self, run, preset, denoise, x, grid, callback, project, generator, update=None):
+        return SOLVERS[run.solver][0](denoise, x, grid, callback, project=project, update=update)
 
 
 class CogVideoXFamily(Family):
@@ -243,13 +245,14 @@ class CogVideoXFamily(Family):
         vp = solvers._vp_grid(grid, solvers.cogvideox_alphas_cumprod(preset.snr_shift_scale))
         return [(math.sqrt(a), math.sqrt(1 - a), math.sqrt(b), math.sqrt(1 - b)) for _, a, b, _ in vp]
 
-    def solve(self, run, preset, denoise, x, grid, callback, project, generator):
+    def solve(self, run, preset, denoise, x, grid, callback, project, generator, update=None):
         if project is not None:
             raise ValueError("CogVideoX takes no clean first frame")
         alphas = solvers.cogvideox_alphas_cumprod(preset.snr_shift_scale)
         if run.solver == "dpm":
-            return solvers.sample_dpm_vpred(denoise, x, grid, alphas, generator, callback, frames_first=True)
-        return solvers.sample_ddim_vpred(denoise, x, grid, alphas, callback)
+            return solvers.sample_dpm_vpred(denoise, x, grid, alphas, generator, callback, frames_first=True,
+                                            update=update)
+        return solvers.sample_ddim_vpred(denoise, x, grid, alphas, callback, update=update)
 
 
 WAN, COGVIDEOX = WanFamily(), CogVideoXFamily()
@@ -529,6 +532,38 @@ class Pipeline:
 
         return denoise
 
+    def flowmo_update(self, context: torch.Tensor, guidance: Guidance | Mapping[str, Guidance], sigmas: torch.Tensor,
+                      first_frame: bool = False, concat: torch.Tensor | None = None,
+                      dynamic_steps: int | None = None):
+        """FlowMo's latent update, the solver's `update(x, sigma) -> x` hook (solvers module docstring), or None when
+        no Guidance of the run is FlowMo. At a step whose model timestep is in flowmo_timesteps, the [cond, uncond]
+        passes at x are run again with gradients (the step's Perturb, so STAS composes; blocks checkpointed with
+        flowmo_checkpoint), the FlowMo loss of their CFG combine is differentiated w.r.t. x, and x moves by one Adam
+        step (guidance.flowmo_step). The step then uses the prediction `denoise` made at the old x (official order).
+        Arguments as `denoiser`."""
+        if not any(g.method == "flowmo" for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values())):
+            return None
+        step = {s: i for i, s in enumerate(sigmas.tolist())}
+
+        def update(x, sigma):
+            t = self.family.timestep(sigma).to(x.device)
+            name = self.expert_for(int(t))
+            g = guidance if isinstance(guidance, Guidance) else guidance.get(name)
+            if g is None or not g.flowmo_active(int(t)):
+                return x
+            scale = g.guidance_scale if dynamic_steps is None else \
+                solvers.dynamic_cfg_scale(g.guidance_scale, int(t), dynamic_steps)
+            perturb = replace(g.passes(step[sigma])[0], capture=None, checkpoint=g.flowmo_checkpoint)
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                xin = xg if concat is None else torch.cat([xg, concat.to(x)], dim=1)
+                v = self.use_expert(name)(xin.expand(2, *xin.shape[1:]), self.timesteps(t, x.shape, first_frame),
+                                          context, perturb)  # (2, C, F, H, W) with gradients
+                grad, = torch.autograd.grad(flowmo_loss(cfg(v[:1], v[1:], scale)).sum(), xg)
+            return flowmo_step(x, grad, g.flowmo_lr)
+
+        return update
+
     def expert_scale(self, name: str) -> float:
         """The preset's CFG scale of an expert (A14B: high 4.0 / low 3.0 for T2V); the preset's scale otherwise."""
         return next((e.guidance_scale for e in self.preset.experts if e.name == name), self.preset.guidance_scale)
@@ -563,8 +598,15 @@ class Pipeline:
         for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values()):
             g.check(run.steps, c.num_layers, c.dim, run.solver)
             fam.check_guidance(g)
+            if g.method == "flowmo" and not patch_weight(self.model).is_floating_point():
+                raise ValueError(f"FlowMo needs gradients through the DiT; its {patch_weight(self.model).dtype} weights "
+                                 "have none: load the DiT in float32 or bfloat16")
         shape, pad = fam.latent(run, p)
         self.check_conditioning(shape, first_frame, concat)
+        flowmo = any(g.method == "flowmo" for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values()))
+        if flowmo and shape[2] < 3:
+            raise ValueError(f"FlowMo's loss is the variance of latent-frame differences: it needs >= 3 latent frames, "
+                             f"this run has {shape[2]}; use frames >= 9")
         sigmas = fam.grid(run, p) if sigmas is None else sigmas
         if context is None:
             neg = fam.negative_prompt if run.negative_prompt is None else run.negative_prompt
@@ -585,10 +627,10 @@ class Pipeline:
                 callback(info)
 
         self.expert_steps = []
-        denoise = self.denoiser(context.to(self.device), guidance, sigmas, first_frame is not None,
-                                None if concat is None else concat.to(self.device, torch.float32),
-                                run.steps if run.dynamic_cfg else None)
-        x = fam.solve(run, p, denoise, x.to(self.device), sigmas, step_done, project, generator)
+        hooks = (context.to(self.device), guidance, sigmas, first_frame is not None,
+                 None if concat is None else concat.to(self.device, torch.float32), run.steps if run.dynamic_cfg else None)
+        denoise, update = self.denoiser(*hooks), self.flowmo_update(*hooks)
+        x = fam.solve(run, p, denoise, x.to(self.device), sigmas, step_done, project, generator, update)
         bar.close()
         return x[:, :, pad:]
 

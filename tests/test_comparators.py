@@ -202,20 +202,21 @@ FAMILIES = ("wan2.1-tiny", "wan2.2-ti2v-tiny", "cogvideox-tiny")
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
-    """(preset, Pipeline, context (2, L, D), latent x, grid) on a tiny model of the family."""
+    """(preset, Pipeline, context (2, L, D), latent x (3 latent frames: FlowMo's variance needs >= 2 differences),
+    grid) on a tiny model of the family."""
     name = request.param
     g = torch.Generator().manual_seed(4)
     if name in COG_PRESETS:
         c = COG_PRESETS[name].config
         model = randomized(CogVideoXModel(c))
         context = torch.randn(2, c.max_text_seq_length, c.text_embed_dim, generator=g)
-        x = torch.randn(1, c.in_channels, 2, 8, 8, generator=g)
+        x = torch.randn(1, c.in_channels, 3, 8, 8, generator=g)
         grid = solvers.cogvideox_timesteps(4)
     else:
         c = PRESETS[name].config
         model = randomized(WanModel(c))
         context = torch.randn(2, c.text_len, c.text_dim, generator=g)
-        x = torch.randn(1, c.in_dim, 2, 8, 8, generator=g)
+        x = torch.randn(1, c.in_dim, 3, 8, 8, generator=g)
         grid = solvers.flow_sigmas(4, 5.0)
     return name, Pipeline(model, None, None, None, name, {}), context, x, grid
 
@@ -350,3 +351,131 @@ def test_cfgpp_refused_with_multistep_solvers(tiny_model, solver):
     with pytest.raises(ValueError, match="CFG\\+\\+ replaces a one-step update"):
         pipe.sample(SampleConfig("x", frames=5, height=32, width=32, steps=2, solver=solver),
                     Guidance(method="cfgpp"), context=torch.zeros(2, 512, 32), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FlowMo: loss, gradient, one update against the official formulas; gradients through the DiT
+
+
+def flowmo_loss_written(v):
+    """Official `calculate_motion_variance` (4-D branch) per sample, written out: L1 distance of consecutive latent
+    frames, population variance over the differences per (c, h, w), mean over channels, max over (h, w)."""
+    out = []
+    for s in v:  # (C, F, H, W)
+        diffs = torch.stack([(s[:, f] - s[:, f - 1]).abs() for f in range(1, s.shape[1])], dim=1)  # (C, F-1, H, W)
+        var = ((diffs - diffs.mean(1, keepdim=True)) ** 2).mean(1)  # (C, H, W)
+        out.append(var.mean(0).max())
+    return torch.stack(out)
+
+
+def test_flowmo_loss_and_its_gradient_are_the_official_formula():
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(2, 4, 5, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ours, ref = G.flowmo_loss(v), flowmo_loss_written(v)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=0)
+    (grad,), (grad_ref,) = torch.autograd.grad(ours.sum(), v), torch.autograd.grad(ref.sum(), v)
+    assert torch.allclose(grad, grad_ref, rtol=1e-12, atol=1e-15)
+    d = torch.randn(v.shape, generator=g, dtype=torch.float64)  # finite differences along a random direction
+    with torch.no_grad():
+        fd = (flowmo_loss_written(v + 1e-6 * d).sum() - flowmo_loss_written(v - 1e-6 * d).sum()) / 2e-6
+    assert abs(fd - (grad * d).sum()) <= 1e-6 * abs(fd)
+
+
+def test_flowmo_step_is_one_fresh_adam_step():
+    g = torch.Generator().manual_seed(6)
+    x, grad = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    p = x.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=1e-3)
+    p.grad = grad.clone()
+    opt.step()
+    assert torch.allclose(G.flowmo_step(x, grad, 1e-3), p.detach(), rtol=0, atol=1e-15)
+
+
+def test_flowmo_update_through_the_dit_is_the_official_update(family):
+    name, pipe, context, x, grid = family
+    i = 1
+    t = pipe.family.timestep(grid[i].item())
+    tt = pipe.timesteps(t, x.shape, False)
+    xg = x.clone().requires_grad_(True)  # the reference: Adam on x_t, loss of the CFG velocity through both passes
+    vc, vu = pipe.model(xg.expand(2, *x.shape[1:]), tt, context)[:, None]
+    loss = flowmo_loss_written(vu + 5.0 * (vc - vu)).sum()
+    opt = torch.optim.Adam([xg], lr=1e-3)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    for checkpoint in (False, True):
+        g = Guidance(method="flowmo", flowmo_timesteps=(int(t),), flowmo_checkpoint=checkpoint)
+        with torch.no_grad():  # as the sampling loop runs it
+            ours = pipe.flowmo_update(context, g, grid)(x, grid[i].item())
+        # float32: a gradient entry near Adam's eps (1e-8) makes g / (|g| + eps) sensitive to the rounding of g, so
+        # the bound is 1 % of the step size lr
+        assert (ours - xg.detach()).abs().max() <= 1e-5 and (ours - x).abs().max() > 0.9e-3  # it moved by ~lr
+    other = Guidance(method="flowmo", flowmo_timesteps=(int(t) + 1,))  # not an optimised timestep: x as it was
+    assert torch.equal(pipe.flowmo_update(context, other, grid)(x, grid[i].item()), x)
+
+
+def test_flowmo_gradient_through_the_dit_matches_finite_differences():
+    c = COG_PRESETS["cogvideox-tiny"].config  # runs in its parameter dtype, float64; only its output is float32
+    model = randomized(CogVideoXModel(c)).double()
+    g = torch.Generator().manual_seed(7)
+    context = torch.randn(2, c.max_text_seq_length, c.text_embed_dim, generator=g, dtype=torch.float64)
+    x = torch.randn(1, c.in_channels, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([500, 500])
+
+    def loss(x, checkpoint=False):
+        vc, vu = model(x.expand(2, *x.shape[1:]), t, context, Perturb(checkpoint=checkpoint))[:, None]
+        return G.flowmo_loss(G.cfg(vc, vu, 6.0)).sum()
+
+    xg = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(loss(xg), xg)
+    xc = x.clone().requires_grad_(True)
+    grad_ckpt, = torch.autograd.grad(loss(xc, checkpoint=True), xc)
+    assert torch.allclose(grad, grad_ckpt, rtol=1e-10, atol=1e-14)
+    assert grad.abs().gt(0).float().mean() > 0.5  # attention spreads the max's gradient over the latent
+    d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():  # eps 1e-3: the float32 output rounds the loss to ~1e-7 relative
+        fd = (loss(x + 1e-3 * d).double() - loss(x - 1e-3 * d).double()) / 2e-3
+    assert abs(fd - (grad * d).sum()) <= 1e-3 * abs(fd)
+
+
+def run_of(name):
+    if name in COG_PRESETS:
+        return SampleConfig("x", frames=9, height=64, width=64, steps=4, shift=None, solver="ddim")
+    return SampleConfig("x", frames=9, height=128 if "ti2v" in name else 64, width=128 if "ti2v" in name else 64,
+                        steps=4, solver="unipc")
+
+
+def test_flowmo_through_the_loop_neutral_and_strength(family):
+    name, pipe, context, x, _ = family
+    run = run_of(name)
+    sample = lambda g: pipe.sample(run, g, context=context, x=x, progress=False)  # noqa: E731
+    v_cfg = sample(Guidance())
+    assert torch.equal(sample(Guidance(method="flowmo", flowmo_lr=0.0)), v_cfg)
+    a, b = sample(Guidance(method="flowmo")), sample(Guidance(method="flowmo", flowmo_lr=1e-2))
+    assert (a - v_cfg).abs().max() > 1e-5 and (b - a).abs().max() > 1e-5
+
+
+def test_flowmo_composes_with_stas(tiny_model):
+    pipe = Pipeline(tiny_model, None, None, None, "wan2.1-tiny", {})
+    context = torch.randn(2, 512, 32, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    grid = solvers.wan_unipc_sigmas(4, 5.0)
+    both = from_preset(PRESETS["wan2.1-tiny"], "flowmo", stas=True)
+    alone = from_preset(PRESETS["wan2.1-tiny"], "flowmo")
+    with torch.no_grad():  # the gradient passes are steered too: the updates differ
+        ub = pipe.flowmo_update(context, both, grid)(x, grid[0].item())
+        ua = pipe.flowmo_update(context, alone, grid)(x, grid[0].item())
+    assert (ub - x).abs().max() > 0 and (ub - ua).abs().max() > 0
+    run = run_of("wan2.1-tiny")
+    outs = [pipe.sample(run, g, context=context, x=x, progress=False)
+            for g in (both, alone, from_preset(PRESETS["wan2.1-tiny"], "cfg", stas=True))]
+    assert all((p - q).abs().max() > 1e-5 for p, q in ((outs[0], outs[1]), (outs[0], outs[2])))
+
+
+def test_solver_update_hook_keeps_the_prediction_of_the_old_latent():
+    sigmas = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    seen = []
+    denoise = lambda x, s: seen.append(x.clone()) or 2 * x  # noqa: E731
+    x = torch.ones(1, 1, 1, 1, 1)
+    out = solvers.sample_euler(denoise, x, sigmas, update=lambda x, s: x + 3)
+    assert torch.equal(seen[0], x) and torch.allclose(out, x + 3 + (0.5 - 1.0) * 2 * x)
