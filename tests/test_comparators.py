@@ -479,3 +479,17 @@ def test_solver_update_hook_keeps_the_prediction_of_the_old_latent():
     x = torch.ones(1, 1, 1, 1, 1)
     out = solvers.sample_euler(denoise, x, sigmas, update=lambda x, s: x + 3)
     assert torch.equal(seen[0], x) and torch.allclose(out, x + 3 + (0.5 - 1.0) * 2 * x)
+
+
+def test_every_comparator_in_the_card_and_both_scripts():
+    from pathlib import Path
+
+    from samplers import compare, sample
+
+    card = (Path(__file__).resolve().parent.parent / "docs" / "methods.md").read_text()
+    for method in ("pag", "seg", "fdg", "tcfg", "mag", "autoguidance", "cfgpp", "flowmo"):
+        assert f'<a id="{method}"></a>' in card and f"`{method}`" in card, method
+        assert sample.parse(["--method", method]).method == method
+        assert compare.parse_methods(f"{method},{method}+stas") == ["cfg", method, f"{method}+stas"]
+    args = sample.parse(["--method", "flowmo", "--flowmo-checkpoint", "1", "--flowmo-timesteps", "999,995"])
+    assert (args.flowmo_checkpoint, args.flowmo_timesteps) == (True, (999, 995))
