@@ -15,8 +15,6 @@ diffusers' AutoGuidance builds its bad model), CFG++ (Chung et al. 2025, officia
 """
 from __future__ import annotations
 
-import math
-
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 

@@ -307,8 +307,7 @@ def test_cfgpp_one_update_is_the_official_formula(family):
         ref = (1 - s2) * (x - s * v_lam) + s2 * (x + (1 - s) * vu)
         ours = solvers.sample_euler(pipe.denoiser(context, g, grid), x, grid[i:i + 2])
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert (ref - (x + (grid[i + 1] - grid[i]).float() * (vu + 5.0 * (vc - vu)))).abs().max() > 1e-3 \
-        if name not in COG_PRESETS else True
+    assert (v - v_lam).abs().max() > 1e-3  # the renoising with v_u matters: not plain CFG at scale lambda
 
 
 # ----------------------------------------------------------------------------------------------------------
