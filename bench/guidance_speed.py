@@ -1,8 +1,10 @@
-"""Seconds per sampling step of CFG, CFG+STAS, CFG+DG, CFG+STG-R and CFG+STG-A on this CPU, real Wan2.1-1.3B size.
+"""Seconds per sampling step of CFG, CFG+STAS, CFG+DG, CFG+STG-R, CFG+STG-A and the comparators (PAG, SEG, FDG, TCFG,
+MAG, AutoGuidance, CFG++, FlowMo with and without activation checkpointing) on this CPU, real Wan2.1-1.3B size.
 
     nohup python bench/guidance_speed.py > outputs/guidance_speed.txt 2>&1 &        # bfloat16, as asked
     nohup python bench/guidance_speed.py --dtype float32 --reps 1 --warmup 0 > outputs/guidance_speed.txt 2>&1 &
-    python bench/guidance_speed.py --preset wan2.1-tiny --frames 2 --height 16 --width 16 --reps 1   # smoke run
+    python bench/guidance_speed.py --preset wan2.1-tiny --frames 3 --height 16 --width 16 --reps 1   # smoke run
+    python bench/guidance_speed.py --dtype float32 --layers 2 --reps 2 --warmup 0 --no-diffusers --memory  # issue 15
 
 On a CPU without native bfloat16 matmuls (AVX2 only: no AVX512-BF16 / AMX) a bfloat16 GEMM runs ~7x slower than
 float32 (measured here: 3 vs 21 GFLOP/s per thread), so one bfloat16 forward of 1,600 tokens takes tens of minutes
@@ -22,8 +24,15 @@ cost over CFG is b / N of one forward, i.e. a ratio to CFG of 1 + (b / N) / 2. T
 (ratio - 1) against that ideal (b / N) / 2 and their quotient (the goal: within 5 % of the ideal; STAS: ratio
 <= 1.01). The diffusers WanTransformer3DModel forward with the same weights and inputs is a reference point for the
 plain [cond, uncond] forward (ours / diffusers).
+
+FlowMo is timed as its optimised step (step 0, t = 999, an official FlowMo timestep): the denoise call plus the
+solver's update hook (Pipeline.flowmo_update: two forwards with gradients and their backward). --memory also prints
+FlowMo's peak resident memory above the resident model for one update, without and with activation checkpointing
+over blocks (Linux: /proc/self/clear_refs resets the peak, VmHWM reads it; each in a fresh process, so allocator
+caches of one run do not hide the other's).
 """
 import argparse
+import multiprocessing
 from dataclasses import replace
 import statistics
 import sys
@@ -45,7 +54,32 @@ METHODS = {  # label -> (method, stas, Guidance overrides)
     "cfg+dg": ("dg", False, {}),
     "cfg+stg-R": ("stg", False, {"stg_mode": "R"}),
     "cfg+stg-A": ("stg", False, {"stg_mode": "A"}),
+    "pag": ("pag", False, {}),
+    "seg": ("seg", False, {}),
+    "fdg": ("fdg", False, {}),
+    "tcfg": ("tcfg", False, {}),
+    "mag": ("mag", False, {}),
+    "autoguidance": ("autoguidance", False, {}),
+    "cfgpp": ("cfgpp", False, {}),
+    "flowmo": ("flowmo", False, {}),
+    "flowmo+ckpt": ("flowmo", False, {"flowmo_checkpoint": True}),
 }
+
+
+def peak_rss_mib(fn) -> float:
+    """Peak resident memory (MiB) during fn() above the resident memory before it (Linux /proc)."""
+    status = lambda key: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key)))  # noqa
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = status("VmRSS:")
+    fn()
+    return (status("VmHWM:") - before) / 1024
+
+
+def flowmo_memory(label: str, argv: list[str], queue) -> None:
+    """In a fresh process: build the bench model and report the peak RSS of one FlowMo step (denoise + update)."""
+    fns, _, _ = setup(parse(argv), [label])
+    queue.put(peak_rss_mib(fns[label]))
 
 
 def median_seconds(fns: dict, reps: int, warmup: int) -> dict:
@@ -113,7 +147,7 @@ def diffusers_reference(model: WanModel, dtype: torch.dtype):
     return cast(ref, dtype, lambda name: any(m in name.split(".") for m in keep))
 
 
-def main(argv=None):
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="wan2.1-t2v-1.3b", choices=list(PRESETS))
     p.add_argument("--frames", type=int, default=5, help="latent frames F")
@@ -127,7 +161,12 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma subset of {', '.join(METHODS)}")
     p.add_argument("--layers", type=int, default=None, help="blocks to build (default: the preset's); a per-block "
                                                              "ratio at real width for models too big for this machine")
-    args = p.parse_args(argv)
+    p.add_argument("--memory", action="store_true", help="also FlowMo's peak memory with / without checkpointing")
+    return p.parse_args(argv)
+
+
+def setup(args, labels):
+    """Build the model and {label: fn() running one step of the method} (+ 'forward'); returns (fns, guidances, c)."""
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     preset = PRESETS[args.preset]
@@ -146,21 +185,33 @@ def main(argv=None):
           f"tokens; context {tuple(context.shape)}; {torch.get_num_threads()} threads; median of {args.reps} after "
           f"{args.warmup} warm-up", flush=True)
 
-    guidances = {label: from_preset(preset, *METHODS[label][:2], **METHODS[label][2])
-                 for label in args.methods.split(",")}
+    guidances = {label: from_preset(preset, *METHODS[label][:2], **METHODS[label][2]) for label in labels}
     t2 = torch.full((2,), 999, dtype=torch.int64)
     x2 = x.expand(2, *x.shape[1:])  # (2, C, F, H, W): the [cond, uncond] rows
-    with torch.no_grad():
-        fns = {}
-        for label, guidance in guidances.items():
-            denoise = pipe.denoiser(context, guidance, sigmas)
-            fns[label] = lambda denoise=denoise: denoise(x, sigmas[0].item())
-        fns["forward"] = lambda: model(x2, t2, context)
-        if not args.no_diffusers:
-            ref = diffusers_reference(model, dtype)
-            xr, cr = x2.to(dtype), context.to(dtype)  # diffusers' WanPipeline casts latents and embeds so
-            fns["diffusers"] = lambda: ref(hidden_states=xr, timestep=t2, encoder_hidden_states=cr, return_dict=False)
-        times = median_seconds(fns, args.reps, args.warmup)
+    fns = {}
+    for label, guidance in guidances.items():
+        denoise = pipe.denoiser(context, guidance, sigmas)
+        update = pipe.flowmo_update(context, guidance, sigmas)  # None but for FlowMo
+
+        def step(denoise=denoise, update=update):
+            with torch.no_grad():
+                denoise(x, sigmas[0].item())
+                if update is not None:
+                    update(x, sigmas[0].item())
+        fns[label] = step
+    fns["forward"] = torch.no_grad()(lambda: model(x2, t2, context))
+    if not args.no_diffusers:
+        ref = diffusers_reference(model, dtype)
+        xr, cr = x2.to(dtype), context.to(dtype)  # diffusers' WanPipeline casts latents and embeds so
+        fns["diffusers"] = torch.no_grad()(
+            lambda: ref(hidden_states=xr, timestep=t2, encoder_hidden_states=cr, return_dict=False))
+    return fns, guidances, c
+
+
+def main(argv=None):
+    args = parse(argv)
+    fns, guidances, c = setup(args, args.methods.split(","))
+    times = median_seconds(fns, args.reps, args.warmup)
     rows = [(label, g.passes_per_step(), *times[label], branch_blocks(g, c.num_layers))
             for label, g in guidances.items()]
     cfg_wall, cfg_cpu = rows[0][2:4]
@@ -176,6 +227,17 @@ def main(argv=None):
         ref_s = times["diffusers"][0]
         line += f", diffusers {ref_s:.2f} s, ours / diffusers = {ours / ref_s:.3f}"
     print(line)
+    if args.memory:  # FlowMo's peak memory, each setting in a fresh process
+        ctx = multiprocessing.get_context("spawn")
+        argv = [*(argv if argv is not None else sys.argv[1:]), "--no-diffusers"]
+        print("\n| FlowMo step | peak RSS above the resident model (MiB) |\n|---|---|")
+        for label in ("flowmo", "flowmo+ckpt"):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=flowmo_memory, args=(label, argv, queue))
+            proc.start()
+            mib = queue.get()
+            proc.join()
+            print(f"| {label} | {mib:.0f} |", flush=True)
     return rows, times
 
 

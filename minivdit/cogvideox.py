@@ -164,9 +164,10 @@ class Attention(nn.Module):
         self.norm_q, self.norm_k = nn.LayerNorm(head_dim, eps=1e-6), nn.LayerNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])  # to_out.1 is diffusers' dropout
 
-    def forward(self, x, text_len: int, rope=None, identity: bool = False):
-        """x: (B, T + L, dim) -> (B, T + L, dim). identity: the video rows' attention map is the identity (STG-A: each
-        video token's output is to_out(its value vector)); the text rows attend as usual."""
+    def forward(self, x, text_len: int, rope=None, identity: bool = False, blur: tuple | None = None):
+        """x: (B, T + L, dim) -> (B, T + L, dim). identity: the video rows' attention map is the identity (STG-A, PAG:
+        each video token's output is to_out(its value vector)); the text rows attend as usual. blur: SEG's (sigma,
+        token grid, text_len): the video queries entering the softmax (after norm and RoPE) are blurred."""
         split = lambda t: t.unflatten(-1, (self.heads, -1))  # noqa: E731  (B, T + L, heads, head_dim)
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
         q, k = self.norm_q(q), self.norm_k(k)
@@ -174,7 +175,8 @@ class Attention(nn.Module):
             q = torch.cat([q[:, :text_len], apply_rope(q[:, text_len:], *rope)], dim=1)
             k = torch.cat([k[:, :text_len], apply_rope(k[:, text_len:], *rope)], dim=1)
         # the text rows are on every rank, the video rows split under sequence parallel (= attention on 1 rank)
-        return self.to_out[0](ulysses_attention(q, k, v, identity_from=text_len if identity else None, keep=text_len))
+        return self.to_out[0](ulysses_attention(q, k, v, identity_from=text_len if identity else None, keep=text_len,
+                                                blur=blur))
 
 
 class GELU(nn.Module):
@@ -213,10 +215,10 @@ class CogVideoXBlock(nn.Module):
         self.norm2 = LayerNormZero(time_embed_dim, dim, eps)
         self.ff = FeedForward(dim, 4 * dim)
 
-    def forward(self, h, emb, text_len: int, rope=None, identity_attn: bool = False):
+    def forward(self, h, emb, text_len: int, rope=None, identity_attn: bool = False, blur: tuple | None = None):
         """h: (B, T + L, dim) joint stream, emb: (B, time_embed_dim), rope: (cos, sin) of the L video tokens or None."""
         x, gate_msa, enc_gate_msa = self.norm1(h, emb, text_len)
-        h = h + gated(self.attn1(x, text_len, rope, identity_attn), gate_msa, enc_gate_msa, text_len)
+        h = h + gated(self.attn1(x, text_len, rope, identity_attn, blur), gate_msa, enc_gate_msa, text_len)
         x, gate_ff, enc_gate_ff = self.norm2(h, emb, text_len)
         return h + gated(self.ff(x), gate_ff, enc_gate_ff, text_len)
 
@@ -390,8 +392,9 @@ class CogVideoXModel(nn.Module):
         h = distributed.shard(h, keep=layout.text_len)
         rope = None if rope is None else tuple(distributed.shard(r, dim=0) for r in rope)
 
-        def run(i, h, cond, identity):
-            return self.transformer_blocks[i](h, cond[0], layout.text_len, rope, identity_attn=identity)
+        def run(i, h, cond, identity, blur):
+            return self.transformer_blocks[i](h, cond[0], layout.text_len, rope, identity_attn=identity,
+                                              blur=None if blur is None else (blur, grid, layout.text_len))
 
         h, (emb,) = run_blocks(run, len(self.transformer_blocks), h, (emb,), perturb, branches, layout)
         v = self.norm_out(self.norm_final(h[:, layout.text_len:]), emb)  # video tokens only: the text is dropped

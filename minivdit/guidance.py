@@ -6,7 +6,12 @@ Predictions are velocities v; the combine functions below map named predictions 
 
 References: CFG (Ho & Salimans 2022); STAS (Sec. 5, Alg. 1); DG (Eq. 4-5); STG (appendix Alg. 1 and 4; official
 junhahyung/STGuidance `Wan2.1/pipeline.py`); CFG-Zero* (Fan et al. 2025, Eq. 9 and zero-init); APG (Sadat et al.
-2024, Alg. 1).
+2024, Alg. 1). Comparators (facts: shared/reference/methods.md; combines checked against diffusers 0.42.1's guiders in
+tests/test_comparators.py): PAG (Ahn et al. 2024), SEG (Hong 2024, official SEG-SDXL), FDG (Sadat et al. 2025,
+diffusers FrequencyDecoupledGuidance), TCFG (arXiv 2503.18137, diffusers normalized_guidance), MAMBO-G
+magnitude-aware guidance (arXiv 2508.03442, diffusers mambo_guidance), AutoGuidance (Karras et al. 2024, as
+diffusers' AutoGuidance builds its bad model), CFG++ (Chung et al. 2025, official CFGpp `BaseDDIMCFGpp`), FlowMo
+(Shaulov et al. 2025, official arielshaulov/FlowMo `motion_optimizer.py`, `wan/text2video.py`).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
 from .interventions import Perturb, Steer, Zero
 
@@ -85,17 +91,124 @@ def apg(x0_cond, x0_uncond, guidance_scale: float, eta: float, norm_threshold: f
     return x0_cond + (guidance_scale - 1) * (d - par + eta * par), running
 
 
+def tcfg(v_cond, v_uncond, guidance_scale: float):
+    """TCFG (docs/methods.md#tcfg; diffusers `normalized_guidance`): per sample, the SVD of the 2 x N matrix
+    [v_cond; v_uncond] (flattened over (C, F, H, W), float32); v_uncond projected on the first right-singular vector
+    V1: u' = (v_uncond . V1) V1; v = u' + g (v_cond - u')."""
+    m = torch.stack([v_cond, v_uncond], dim=1).float().flatten(2)  # (B, 2, N)
+    vh = torch.linalg.svd(m, full_matrices=False)[2][:, :1]  # (B, 1, N): V1
+    u = (m[:, 1:] @ vh.transpose(1, 2) @ vh).view_as(v_uncond).to(v_uncond.dtype)
+    return cfg(v_cond, u, guidance_scale)
+
+
+def mag(v_cond, v_uncond, guidance_scale: float, alpha: float):
+    """Magnitude-aware guidance, MAMBO-G (docs/methods.md#mag; diffusers `mambo_guidance`): r = |v_c - v_u| / |v_u|
+    (2-norms per sample over (C, F, H, W)); g_t = 1 + (g - 1) exp(-alpha r); v = v_u + g_t (v_c - v_u)."""
+    d = v_cond - v_uncond
+    dims = tuple(range(1, d.ndim))
+    r = torch.linalg.vector_norm(d, dim=dims, keepdim=True) / torch.linalg.vector_norm(v_uncond, dim=dims, keepdim=True)
+    return v_uncond + (1 + (guidance_scale - 1) * torch.exp(-alpha * r)) * d
+
+
+PYRAMID_KERNEL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # the 5 x 5 binomial kernel of kornia's pyramids
+
+
+def _pyr_blur(x):
+    """kornia pyramid blur: 5 x 5 binomial, reflect border; x (N, C, H, W)."""
+    k = PYRAMID_KERNEL.to(x)
+    kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel, groups=x.shape[1])
+
+
+def _pyr_up(x, size):
+    """kornia `pyrup` to `size` (bilinear, align_corners False, then the blur); size = 2x for even sizes."""
+    return _pyr_blur(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+
+
+def laplacian_pyramid(x, levels: int) -> list[torch.Tensor]:
+    """Laplacian pyramid of x (N, C, H, W), finest first (kornia `build_laplacian_pyramid` without its power-of-two
+    padding): G0 = x, G_k+1 = bilinear resize of blur(G_k) to floor(H/2) x floor(W/2), L_k = G_k - pyrup(G_k+1) at
+    G_k's size, the last level G_(levels-1). `pyramid_image` inverts it exactly."""
+    gs = [x]
+    for _ in range(levels - 1):
+        g = gs[-1]
+        gs.append(F.interpolate(_pyr_blur(g), size=(g.shape[2] // 2, g.shape[3] // 2), mode="bilinear",
+                                align_corners=False))
+    return [g - _pyr_up(gn, g.shape[2:]) for g, gn in zip(gs, gs[1:])] + [gs[-1]]
+
+
+def pyramid_image(pyramid: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of laplacian_pyramid (diffusers `build_image_from_pyramid`, pyrup sized to each level)."""
+    x = pyramid[-1]
+    for level in reversed(pyramid[:-1]):
+        x = _pyr_up(x, level.shape[2:]) + level
+    return x
+
+
+def fdg(v_cond, v_uncond, scales: tuple[float, ...]):
+    """FDG (docs/methods.md#fdg; diffusers FrequencyDecoupledGuidance, parallel weights 1): a Laplacian pyramid of
+    len(scales) levels over (H, W) of every frame (tensors (B, C, F, H, W) folded to (B F, C, H, W)), per level k
+    (k = 0 finest) v_k = u_k + scales[k] (c_k - u_k), then the reconstruction."""
+    b, c, f, h, w = v_cond.shape
+    fold = lambda t: t.transpose(1, 2).reshape(b * f, c, h, w)  # noqa: E731  (B F, C, H, W)
+    pc, pu = laplacian_pyramid(fold(v_cond), len(scales)), laplacian_pyramid(fold(v_uncond), len(scales))
+    v = pyramid_image([cfg(ck, uk, s) for ck, uk, s in zip(pc, pu, scales)])
+    return v.reshape(b, f, c, h, w).transpose(1, 2)
+
+
+def cfgpp(v_cond, v_uncond, scale: float, levels: tuple[float, float, float, float]):
+    """CFG++ (docs/methods.md#cfgpp; official CFGpp `BaseDDIMCFGpp`): the velocity whose one-step (Euler / DDIM) update
+    is x' = a' x0(v_lam) + s' eps(v_u), v_lam = v_u + lam (v_c - v_u): x0 from the guided prediction, renoised with
+    the unconditional one. levels = (a, s, a', s'): x = a x0 + s eps now and at the step's target (flow: a = 1 - sigma,
+    s = sigma; CogVideoX: sqrt(abar), sqrt(1 - abar)). For both x0(v) = . - s v and eps(v) = . + a v, so the update
+    is the plain step with v_u + lam_eff (v_c - v_u), lam_eff = lam a' s / (a' s - s' a) (flow: lam sigma (1 - sigma')
+    / (sigma - sigma'))."""
+    a, s, a2, s2 = levels
+    return cfg(v_cond, v_uncond, scale * a2 * s / (a2 * s - s2 * a))
+
+
+def flowmo_loss(v):
+    """FlowMo's patch-wise temporal variance (docs/methods.md#flowmo; official `calculate_motion_variance`): v (B, C,
+    F, H, W), the CFG prediction; D_f = |v[:, :, f] - v[:, :, f - 1]| (latent frames), their population variance over
+    the F - 1 differences per (c, h, w), the mean over channels, then the max over (h, w). Returns (B,): a patch is
+    one latent pixel (all C channels)."""
+    d = (v[:, :, 1:] - v[:, :, :-1]).abs()  # (B, C, F - 1, H, W)
+    return d.var(dim=2, unbiased=False).mean(1).flatten(1).amax(1)  # (B,)
+
+
+def flowmo_step(x, grad, lr: float):
+    """FlowMo's latent update: one step of a fresh Adam (torch defaults betas (0.9, 0.999), eps 1e-8) on x, which is
+    x - lr g / (|g| + 1e-8) elementwise (bias corrections cancel at the first step)."""
+    return x - lr * grad / (grad.abs() + 1e-8)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # methods
 
-METHODS = ("cfg", "cfg-zero*", "apg", "dg", "stg", "stg-official")
+METHODS = ("cfg", "cfg-zero*", "apg", "dg", "stg", "stg-official", "pag", "seg", "fdg", "tcfg", "mag", "autoguidance",
+           "cfgpp", "flowmo")
+# FlowMo's optimised model timesteps (official wan/text2video.py; steps 0-11 of Wan2.1's 50-step UniPC grid, shift 5)
+FLOWMO_TIMESTEPS = (999, 995, 991, 987, 982, 978, 973, 968, 963, 957, 952, 946)
+STEP_SOLVERS = ("euler", "ddim")  # one-step solvers CFG++ is defined for (its update replaces their step)
 STG_SCALE = {"R": 1.0, "A": 2.0}  # STG appendix A1: "STG-A using a scale of 2.0 and STG-R using 1.0"
 STG_RESCALE_ON = 0.7  # the rescale factor of the official STGuidance pipelines whenever rescaling is on
 
 
 def ints(s) -> tuple[int, ...]:
-    """'1,2' -> (1, 2): a comma-separated list of block or channel indices."""
-    return tuple(int(v) for v in str(s).split(","))
+    """'1,2' -> (1, 2): a comma-separated list of block or channel indices ('' -> ())."""
+    return tuple(int(v) for v in str(s).split(",") if v.strip())
+
+
+def yes(s) -> bool:
+    """'1' / 'true' / 'yes' -> True, '0' / 'false' / 'no' -> False."""
+    if str(s).lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"expected 1/true/yes or 0/false/no, got {s!r}")
+    return str(s).lower() in ("1", "true", "yes")
+
+
+def floats(s) -> tuple[float, ...]:
+    """'10,5' -> (10.0, 5.0): a comma-separated list of numbers."""
+    return tuple(float(v) for v in str(s).split(","))
 
 
 # Every method parameter a sampling script exposes: (name, type, the method it belongs to, help). One table for
@@ -124,6 +237,24 @@ OPTIONS = (
     ("apg_norm_threshold", float, "apg", "APG norm limit r on the update's 2-norm over (C, F, H, W); 0 = off "
                                          "(default)"),
     ("apg_momentum", float, "apg", "APG momentum beta (default -0.5)"),
+    ("pag_blocks", ints, "pag", "PAG blocks (0-based) whose self-attention map is the identity; default 1 (diffusers' "
+                                "PAG pipelines for DiTs: blocks.1)"),
+    ("pag_scale", float, "pag", "PAG scale s >= 0 (default 3.0, the PAG pipelines' pag_scale)"),
+    ("seg_blocks", ints, "seg", "SEG blocks (0-based) whose self-attention queries are blurred; default 1"),
+    ("seg_scale", float, "seg", "SEG scale s >= 0 (default 3.0, official SEG-SDXL)"),
+    ("seg_sigma", float, "seg", f"SEG blur sigma > 0 in tokens, per frame over (H, W); >= {9999.0:g} is infinite: "
+                                "the frame's mean query (default 9999999, official)"),
+    ("fdg_scales", floats, "fdg", "FDG guidance scale per Laplacian-pyramid level, finest first (default 10,5: "
+                                  "diffusers / the FDG paper's SDXL setting)"),
+    ("mag_alpha", float, "mag", "magnitude-aware guidance (MAMBO-G) alpha >= 0 (default 8.0, diffusers)"),
+    ("ag_blocks", ints, "autoguidance", "AutoGuidance: blocks the bad model skips on the uncond pass (default 1)"),
+    ("cfgpp_scale", float, "cfgpp", "CFG++ scale lambda in [0, 1] (default 0.6, the official README's DDIM value)"),
+    ("flowmo_lr", float, "flowmo", "FlowMo learning rate of its Adam step on the latent, >= 0 (default 0.001, "
+                                   "official)"),
+    ("flowmo_timesteps", ints, "flowmo", "FlowMo: the model timesteps (0..999) whose step optimises the latent "
+                                         "(default: the official 999,...,946 = Wan's first 12 of 50 UniPC steps)"),
+    ("flowmo_checkpoint", yes, "flowmo", "FlowMo: activation checkpointing over blocks in its gradient passes "
+                                         "(1 / 0; default 0)"),
 )
 
 
@@ -150,6 +281,13 @@ class Guidance:
     setting `zero_steps = 1` is an inclusive last index (`i <= zero_steps`), i.e. 2 of 50 steps (its README: "the
     first 2 steps, 4 %"); diffusers' CFGZeroStarGuider zeroes 1.
     apg_eta / apg_norm_threshold / apg_momentum: APG (Alg. 1) eta, norm limit (0 = off) and momentum beta.
+    pag_blocks / pag_scale: PAG's identity-attention blocks and scale s; seg_blocks / seg_scale / seg_sigma: SEG's
+    blurred-query blocks, scale s and blur sigma (tokens; >= attention.SEG_INF: the mean); a perturbed cond pass
+    each, combined as STG: v_u + g (v_c - v_u) + s (v_c - v_perturbed). fdg_scales: FDG's per-level scales (finest
+    first; replaces g). mag_alpha: MAMBO-G's alpha. ag_blocks: AutoGuidance's bad model skips these blocks on the
+    uncond pass: v = v_bad + g (v_c - v_bad) (() = plain CFG). cfgpp_scale: CFG++'s lambda in [0, 1] (replaces g);
+    Euler / DDIM only. TCFG uses g. flowmo_lr / flowmo_timesteps / flowmo_checkpoint: FlowMo's latent update (CFG
+    combine; the pipeline's `flowmo_update` hook). docs/methods.md gives each method's sources and choices.
     capture: called as capture(block, h) with every block output of the base batch (massive-activation analysis).
     """
     method: str = "cfg"
@@ -166,6 +304,18 @@ class Guidance:
     apg_eta: float = 0.0
     apg_norm_threshold: float = 0.0
     apg_momentum: float = -0.5
+    pag_blocks: tuple[int, ...] = (1,)
+    pag_scale: float = 3.0
+    seg_blocks: tuple[int, ...] = (1,)
+    seg_scale: float = 3.0
+    seg_sigma: float = 9999999.0
+    fdg_scales: tuple[float, ...] = (10.0, 5.0)
+    mag_alpha: float = 8.0
+    ag_blocks: tuple[int, ...] = (1,)
+    cfgpp_scale: float = 0.6
+    flowmo_lr: float = 1e-3
+    flowmo_timesteps: tuple[int, ...] = FLOWMO_TIMESTEPS
+    flowmo_checkpoint: bool = False
     capture: Callable[[int, torch.Tensor], None] | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -187,15 +337,33 @@ class Guidance:
         if self.method == "stg-official" and self.stg_rescale:
             raise ValueError("stg_rescale (Alg. 4) applies to method 'stg' only, not to 'stg-official'")
         for name in ("guidance_scale", "dg_scale", "stg_scale", "stg_rescale", "apg_eta", "apg_norm_threshold",
-                     "apg_momentum"):
+                     "apg_momentum", "pag_scale", "seg_scale", "mag_alpha", "cfgpp_scale", "flowmo_lr"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} = {getattr(self, name)} must be a finite number")
-        for name in ("guidance_scale", "dg_scale", "stg_scale", "zero_init_steps", "apg_norm_threshold"):
+        if not all(math.isfinite(w) for w in self.fdg_scales):
+            raise ValueError(f"fdg_scales = {self.fdg_scales} must be finite numbers")
+        if not 0 <= self.cfgpp_scale <= 1:
+            raise ValueError(f"cfgpp_scale = {self.cfgpp_scale}: CFG++'s lambda must be in [0, 1] (about CFG 1..12.5 "
+                             "per the CFG++ README)")
+        if not self.seg_sigma > 0:
+            raise ValueError(f"seg_sigma = {self.seg_sigma} must be > 0 (tokens; >= 9999 means infinite: the mean)")
+        if not self.fdg_scales:
+            raise ValueError("fdg_scales needs one scale per pyramid level (e.g. 10,5)")
+        for name in ("pag_blocks", "seg_blocks"):
+            if self.method == name[:3] and not getattr(self, name):
+                raise ValueError(f"method {self.method!r} needs {name} (the blocks to perturb)")
+        for name in ("guidance_scale", "dg_scale", "stg_scale", "zero_init_steps", "apg_norm_threshold", "pag_scale",
+                     "seg_scale", "mag_alpha", "flowmo_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
 
-    def check(self, steps: int, num_layers: int, dim: int) -> None:
-        """Raise ValueError for settings that do not fit the run (K > steps, block or channel out of range)."""
+    def check(self, steps: int, num_layers: int, dim: int, solver: str | None = None) -> None:
+        """Raise ValueError for settings that do not fit the run (K > steps, block or channel out of range, CFG++ with
+        a multistep solver)."""
+        if self.method == "cfgpp" and solver is not None and solver not in STEP_SOLVERS:
+            raise ValueError(f"CFG++ replaces a one-step update and is defined for the {' / '.join(STEP_SOLVERS)} "
+                             f"solvers only (no source defines it for the multistep {solver!r}): pass --solver euler "
+                             "(Wan) or --solver ddim (CogVideoX)")
         if self.stas_steps > steps:
             raise ValueError(f"STAS K = {self.stas_steps} exceeds the {steps} sampling steps; use K <= {steps}")
         if self.method == "cfg-zero*" and self.zero_init_steps > steps:
@@ -217,14 +385,38 @@ class Guidance:
             blocks = frozenset(self.stg_blocks)
             p = replace(clean, skip=blocks) if self.stg_mode == "R" else replace(clean, identity_attn=blocks)
             return base, ((1 if self.method == "stg-official" else 0, p),), ("perturbed",)
+        if self.method == "pag" and self.pag_scale != 0 and self.pag_blocks:
+            return base, ((0, replace(clean, identity_attn=frozenset(self.pag_blocks))),), ("perturbed",)
+        if self.method == "seg" and self.seg_scale != 0 and self.seg_blocks:
+            p = replace(clean, blur_attn=frozenset(self.seg_blocks), blur_sigma=self.seg_sigma)
+            return base, ((0, p),), ("perturbed",)
+        if self.method == "autoguidance" and self.ag_blocks:  # the bad model on the uncond row, as diffusers
+            return base, ((1, replace(clean, skip=frozenset(self.ag_blocks))),), ("bad",)
         return base, (), ()
 
-    def combine(self, preds: dict[str, torch.Tensor], x: torch.Tensor, sigma: float, i: int, state: dict):
-        """Named predictions {'cond', 'uncond', 'degraded' | 'perturbed'} at step i, sigma -> the guided velocity.
+    def combine(self, preds: dict[str, torch.Tensor], x: torch.Tensor, sigma: float, i: int, state: dict,
+                levels: tuple[float, float, float, float] | None = None):
+        """Named predictions {'cond', 'uncond', 'degraded' | 'perturbed' | 'bad'} at step i, sigma -> the guided
+        velocity.
 
         x: the current latent (APG works on x0 = x - sigma v); state: per-run memory (APG's momentum average).
+        levels: (a, s, a', s') of the step, x = a x0 + s eps now and at its target (CFG++ needs them).
         """
         c, u, g = preds["cond"], preds["uncond"], self.guidance_scale
+        if self.method in ("pag", "seg") and "perturbed" in preds:
+            return stg(c, u, preds["perturbed"], g, self.pag_scale if self.method == "pag" else self.seg_scale)
+        if self.method == "autoguidance" and "bad" in preds:
+            return cfg(c, preds["bad"], g)
+        if self.method == "fdg":
+            return fdg(c, u, self.fdg_scales)
+        if self.method == "tcfg":
+            return tcfg(c, u, g)
+        if self.method == "mag":
+            return mag(c, u, g, self.mag_alpha)
+        if self.method == "cfgpp":
+            if levels is None:
+                raise ValueError("CFG++ needs the step's noise levels (Pipeline.denoiser passes them)")
+            return cfgpp(c, u, self.cfgpp_scale, levels)
         if self.method == "dg" and "degraded" in preds:
             return dg(c, u, preds["degraded"], g, self.dg_scale)
         if self.method == "stg" and "perturbed" in preds:
@@ -240,8 +432,13 @@ class Guidance:
         return cfg(c, u, g)
 
     def passes_per_step(self) -> int:
-        """Model passes per step (a shared-prefix branch counts as one)."""
-        return 2 + len(self.passes(0)[1])
+        """Model passes per step (a shared-prefix branch counts as one). FlowMo: on its optimised steps, 2 more
+        forwards with gradients (+ their backward, and with checkpointing their recomputation)."""
+        return 2 + len(self.passes(0)[1]) + (2 if self.method == "flowmo" else 0)
+
+    def flowmo_active(self, t: int) -> bool:
+        """Whether FlowMo updates the latent at model timestep t."""
+        return self.method == "flowmo" and self.flowmo_lr != 0 and int(t) in self.flowmo_timesteps
 
 
 def from_preset(preset, method: str = "cfg", stas: bool = False, **overrides) -> Guidance:
@@ -285,7 +482,13 @@ def from_preset(preset, method: str = "cfg", stas: bool = False, **overrides) ->
         d = settings("stas", ("steps", "dims", "block"))
         kw["stas_steps"] = d.pop("steps")
         kw["stas"] = Steer(**{**d, "dims": tuple(d["dims"])})
-    return Guidance(**{**kw, **o})
+    g = Guidance(**{**kw, **o})
+    config = getattr(preset, "config", None)
+    if config is not None:  # blocks and channels checked against the preset's architecture, before any loading
+        base, branches, _ = g.passes(0)
+        for p in (base, *(p for _, p in branches)):
+            p.validate(config.num_layers, config.dim)
+    return g
 
 
 def defaults_table(presets: dict) -> str:
@@ -304,5 +507,9 @@ def defaults_table(presets: dict) -> str:
                  f"{STG_RESCALE_ON} when on), CFG-Zero* zero_init_steps {g.zero_init_steps}, APG eta {g.apg_eta}, "
                  f"norm threshold {g.apg_norm_threshold} (off), momentum {g.apg_momentum}; STAS token set "
                  f"{Steer.__dataclass_fields__['tokens'].default}, rule {Steer.__dataclass_fields__['rule'].default} "
-                 f"(scaling rule omega {Steer.__dataclass_fields__['omega'].default})."]
+                 f"(scaling rule omega {Steer.__dataclass_fields__['omega'].default}). Comparators: PAG blocks "
+                 f"{g.pag_blocks}, scale {g.pag_scale}; SEG blocks {g.seg_blocks}, scale {g.seg_scale}, sigma "
+                 f"{g.seg_sigma:g} (infinite); FDG scales {g.fdg_scales} (finest first); MAG alpha {g.mag_alpha}; "
+                 f"AutoGuidance skipped blocks {g.ag_blocks}; CFG++ lambda {g.cfgpp_scale}; FlowMo lr {g.flowmo_lr} at "
+                 f"timesteps {g.flowmo_timesteps}; TCFG and MAG use CFG g."]
     return "\n".join(rows)

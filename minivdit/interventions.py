@@ -3,8 +3,9 @@
 A pass differs from a clean pass only through a `Perturb`, a frozen (hashable) description checked by the model's
 block loop at named points:
 
-    before block i:  i in skip           -> the block is skipped: its output is its input      (STG-R)
-                     i in identity_attn  -> its self-attention map is the identity            (STG-A)
+    before block i:  i in skip           -> the block is skipped: its output is its input      (STG-R, AutoGuidance)
+                     i in identity_attn  -> its self-attention map is the identity            (STG-A, PAG)
+                     i in blur_attn      -> its self-attention queries are blurred (sigma)    (SEG)
     after block i:   steer.block == i    -> STAS Eq. 3-5 on the block output
                      zero.block == i     -> DG's degraded model: MA channels set to 0
                      capture             -> capture(i, h) is called with every block output
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
+import torch.utils.checkpoint
 
 from . import distributed
 
@@ -172,11 +174,14 @@ class Perturb:
     zero: Zero | None = None
     skip: frozenset[int] = frozenset()
     identity_attn: frozenset[int] = frozenset()
+    blur_attn: frozenset[int] = frozenset()
+    blur_sigma: float = math.inf
+    checkpoint: bool = field(default=False, compare=False)  # recompute each block in backward (FlowMo's gradients)
     capture: Callable[[int, torch.Tensor], None] | None = field(default=None, compare=False)
 
     def validate(self, num_layers: int, dim: int) -> None:
         """Raise ValueError for a block index out of range or a channel index >= the hidden size."""
-        blocks = set(self.skip) | set(self.identity_attn)
+        blocks = set(self.skip) | set(self.identity_attn) | set(self.blur_attn)
         for e in (self.steer, self.zero):
             if e is not None:
                 blocks.add(e.block)
@@ -187,9 +192,9 @@ class Perturb:
         if bad:
             raise ValueError(f"block indices {bad} out of range: the model has blocks 0..{num_layers - 1}")
 
-    def inside(self, i: int) -> tuple[bool, bool]:
-        """What changes inside block i: (skipped, identity attention)."""
-        return i in self.skip, i in self.identity_attn
+    def inside(self, i: int) -> tuple[bool, bool, float | None]:
+        """What changes inside block i: (skipped, identity attention, SEG query blur sigma or None)."""
+        return i in self.skip, i in self.identity_attn, self.blur_sigma if i in self.blur_attn else None
 
     def edits(self, i: int) -> tuple:
         """The edits applied to the output of block i, in order."""
@@ -221,7 +226,7 @@ def run_blocks(block, num_layers: int, h: torch.Tensor, cond: tuple[torch.Tensor
                branches: tuple[tuple[int, Perturb], ...], layout: TokenLayout):
     """The block loop of a DiT with the perturbation points and shared-prefix branches (used by every family).
 
-    block(i, h, cond, identity_attn) -> h runs blocks[i] on the residual stream h (B', L, D) with the per-row
+    block(i, h, cond, identity_attn, blur_sigma) -> h runs blocks[i] on the residual stream h (B', L, D) with the per-row
     conditioning `cond` (a tuple of tensors with B' rows: time embeddings, text context, ...). `perturb` is checked
     before and after every block (Perturb.inside / Perturb.after). Each branch (row, Perturb) copies input row `row`
     at its branch_point and follows its own Perturb from there; the blocks before run once (shared prefix).
@@ -241,9 +246,13 @@ def run_blocks(block, num_layers: int, h: torch.Tensor, cond: tuple[torch.Tensor
     for i in range(num_layers):
         spawn(i, 0)
         for g in groups:
-            skipped, identity = g[2].inside(i)
-            if not skipped:  # STG-R: a skipped block's output is its input
-                g[0] = block(i, g[0], g[1], identity)
+            skipped, identity, blur = g[2].inside(i)
+            if skipped:  # STG-R: a skipped block's output is its input
+                continue
+            if g[2].checkpoint and torch.is_grad_enabled():  # activation checkpointing: memory of one block
+                g[0] = torch.utils.checkpoint.checkpoint(block, i, g[0], g[1], identity, blur, use_reentrant=False)
+            else:
+                g[0] = block(i, g[0], g[1], identity, blur)
         spawn(i, 1)
         for g in groups:
             g[0] = g[2].after(i, g[0], layout)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import solvers
 from .checkpoints import CheckpointError, LazySafetensors, fingerprint, read_state_dict, shape_of, strip_prefix
-from .guidance import OPTIONS, Guidance, from_preset, uses
+from .guidance import OPTIONS, Guidance, cfg, flowmo_loss, flowmo_step, from_preset, uses
 from .text import (NEGATIVE_PROMPT, encode_text, load_text_encoder, load_tokenizer, prompt_tokens as count_tokens,
                    tiny_umt5_config, umt5_xxl_config)
 from .cogvideox import PRESETS as COG_PRESETS, latent_frames as cog_latent_frames, load_cogvideox, open_cogvideox
@@ -164,7 +164,14 @@ class Family:
         """A grid value -> the DiT's int64 timestep (0-d)."""
         raise NotImplementedError
 
-    def solve(self, run: SampleConfig, preset, denoise, x, grid, callback, project, generator) -> torch.Tensor:
+    def levels(self, preset, grid: torch.Tensor) -> list[tuple[float, float, float, float]]:
+        """Per step i: (a, s, a', s') with x = a x0 + s eps at the step's grid value and at the one-step solver's
+        target (CFG++'s renoising needs them)."""
+        raise NotImplementedError
+
+    def solve(self, run: SampleConfig, preset, denoise, x, grid, callback, project, generator,
+              update=None) -> torch.Tensor:
+        """Run run.solver over grid; project / update: the solvers' hooks (solvers module docstring)."""
         raise NotImplementedError
 
 
@@ -195,8 +202,12 @@ class WanFamily(Family):
     def timestep(self, value):
         return solvers.timestep(value)
 
-    def solve(self, run, preset, denoise, x, grid, callback, project, generator):
-        return SOLVERS[run.solver][0](denoise, x, grid, callback, project=project)
+    def levels(self, preset, grid):
+        s = grid.to(torch.float32).tolist()  # the solvers' step math uses the float32 grid
+        return [(1 - a, a, 1 - b, b) for a, b in zip(s, s[1:])]
+
+    def solve(self, run, preset, denoise, x, grid, callback, project, generator, update=None):
+        return SOLVERS[run.solver][0](denoise, x, grid, callback, project=project, update=update)
 
 
 class CogVideoXFamily(Family):
@@ -250,13 +261,18 @@ class CogVideoXFamily(Family):
     def timestep(self, value):
         return torch.tensor(int(value), dtype=torch.int64)
 
-    def solve(self, run, preset, denoise, x, grid, callback, project, generator):
+    def levels(self, preset, grid):
+        vp = solvers._vp_grid(grid, solvers.cogvideox_alphas_cumprod(preset.snr_shift_scale))
+        return [(math.sqrt(a), math.sqrt(1 - a), math.sqrt(b), math.sqrt(1 - b)) for _, a, b, _ in vp]
+
+    def solve(self, run, preset, denoise, x, grid, callback, project, generator, update=None):
         if project is not None:
             raise ValueError("CogVideoX takes no clean first frame")
         alphas = solvers.cogvideox_alphas_cumprod(preset.snr_shift_scale)
         if run.solver == "dpm":
-            return solvers.sample_dpm_vpred(denoise, x, grid, alphas, generator, callback, frames_first=True)
-        return solvers.sample_ddim_vpred(denoise, x, grid, alphas, callback)
+            return solvers.sample_dpm_vpred(denoise, x, grid, alphas, generator, callback, frames_first=True,
+                                            update=update)
+        return solvers.sample_ddim_vpred(denoise, x, grid, alphas, callback, update=update)
 
 
 WAN, COGVIDEOX = WanFamily(), CogVideoXFamily()
@@ -553,6 +569,7 @@ class Pipeline:
         """
         step = {s: i for i, s in enumerate(sigmas.tolist())}
         state: dict = {}
+        levels = self.family.levels(self.preset, sigmas)  # CFG++'s (a, s, a', s') per step
 
         def denoise(x, sigma):
             i = step[sigma]
@@ -569,9 +586,41 @@ class Pipeline:
             v = model(xin.expand(2, *xin.shape[1:]), self.timesteps(t, x.shape, first_frame), context, perturb,
                       branches)  # (2 + branches, C, F, H, W)
             preds = dict(zip(("cond", "uncond", *names), v[:, None].unbind(0)))
-            return g.combine(preds, x, sigma, i, state)
+            return g.combine(preds, x, sigma, i, state, levels=levels[i] if i < len(levels) else None)
 
         return denoise
+
+    def flowmo_update(self, context: torch.Tensor, guidance: Guidance | Mapping[str, Guidance], sigmas: torch.Tensor,
+                      first_frame: bool = False, concat: torch.Tensor | None = None,
+                      dynamic_steps: int | None = None):
+        """FlowMo's latent update, the solver's `update(x, sigma) -> x` hook (solvers module docstring), or None when
+        no Guidance of the run is FlowMo. At a step whose model timestep is in flowmo_timesteps, the [cond, uncond]
+        passes at x are run again with gradients (the step's Perturb, so STAS composes; blocks checkpointed with
+        flowmo_checkpoint), the FlowMo loss of their CFG combine is differentiated w.r.t. x, and x moves by one Adam
+        step (guidance.flowmo_step). The step then uses the prediction `denoise` made at the old x (official order).
+        Arguments as `denoiser`."""
+        if not any(g.method == "flowmo" for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values())):
+            return None
+        step = {s: i for i, s in enumerate(sigmas.tolist())}
+
+        def update(x, sigma):
+            t = self.family.timestep(sigma).to(x.device)
+            name = self.expert_for(int(t))
+            g = guidance if isinstance(guidance, Guidance) else guidance.get(name)
+            if g is None or not g.flowmo_active(int(t)):
+                return x
+            scale = g.guidance_scale if dynamic_steps is None else \
+                solvers.dynamic_cfg_scale(g.guidance_scale, int(t), dynamic_steps)
+            perturb = replace(g.passes(step[sigma])[0], capture=None, checkpoint=g.flowmo_checkpoint)
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                xin = xg if concat is None else torch.cat([xg, concat.to(x)], dim=1)
+                v = self.use_expert(name)(xin.expand(2, *xin.shape[1:]), self.timesteps(t, x.shape, first_frame),
+                                          context, perturb)  # (2, C, F, H, W) with gradients
+                grad, = torch.autograd.grad(flowmo_loss(cfg(v[:1], v[1:], scale)).sum(), xg)
+            return flowmo_step(x, grad, g.flowmo_lr)
+
+        return update
 
     def expert_scale(self, name: str) -> float:
         """The preset's CFG scale of an expert (A14B: high 4.0 / low 3.0 for T2V); the preset's scale otherwise."""
@@ -607,10 +656,17 @@ class Pipeline:
         p, c, fam = self.preset, self.preset.config, self.family
         run.check(fam.stride(p), fam)
         for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values()):
-            g.check(run.steps, c.num_layers, c.dim)
+            g.check(run.steps, c.num_layers, c.dim, run.solver)
             fam.check_guidance(g)
+            if g.method == "flowmo" and not patch_weight(self.model).is_floating_point():
+                raise ValueError(f"FlowMo needs gradients through the DiT; its {patch_weight(self.model).dtype} weights "
+                                 "have none: load the DiT in float32 or bfloat16")
         shape, pad = fam.latent(run, p)
         self.check_conditioning(shape, first_frame, concat)
+        flowmo = any(g.method == "flowmo" for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values()))
+        if flowmo and shape[2] < 3:
+            raise ValueError(f"FlowMo's loss is the variance of latent-frame differences: it needs >= 3 latent frames, "
+                             f"this run has {shape[2]}; use frames >= 9")
         sigmas = fam.grid(run, p) if sigmas is None else sigmas
         if context is None:
             neg = fam.negative_prompt if run.negative_prompt is None else run.negative_prompt
@@ -637,11 +693,11 @@ class Pipeline:
                 callback(info)
 
         self.expert_steps = []
-        denoise = self.denoiser(context.to(self.device), guidance, sigmas, first_frame is not None,
-                                None if concat is None else concat.to(self.device, torch.float32),
-                                run.steps if run.dynamic_cfg else None)
+        hooks = (context.to(self.device), guidance, sigmas, first_frame is not None,
+                 None if concat is None else concat.to(self.device, torch.float32), run.steps if run.dynamic_cfg else None)
+        denoise, update = self.denoiser(*hooks), self.flowmo_update(*hooks)
         try:
-            x = fam.solve(run, p, denoise, x.to(self.device), sigmas, step_done, project, generator)
+            x = fam.solve(run, p, denoise, x.to(self.device), sigmas, step_done, project, generator, update)
         finally:
             bar.close()
         check_finite(x, f"the latent after the last solver step ({run.steps} of {run.steps})")

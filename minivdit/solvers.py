@@ -18,6 +18,10 @@ so that `timestep(sigma)` truncates exactly like the official `(sigmas * 1000).a
 Conditioning that pins part of the latent (Wan2.2 TI2V's clean first frame) is a `project(x) -> x` passed to the
 solver: applied to the initial x and to x after every step, so `denoise`, the callback and the solver's history all
 see the pinned latent, as in the official `textimage2video.py` loop (re-impose after each scheduler step).
+
+A method that moves the latent before the step (FlowMo) is an `update(x, sigma) -> x` passed to the solver: called
+right after `denoise(x, sigma)`, so the step combines the prediction made at the old x with the updated x, as FlowMo's
+official loop does (`scheduler.step(noise_pred, t, optimized_sample)`).
 """
 from __future__ import annotations
 
@@ -31,10 +35,15 @@ import torch
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]
 Callback = Callable[[dict], None]
 Project = Callable[[torch.Tensor], torch.Tensor]
+Update = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def _pin(x: torch.Tensor, project: Project | None) -> torch.Tensor:
     return x if project is None else project(x)
+
+
+def _update(x: torch.Tensor, sigma, update: Update | None) -> torch.Tensor:
+    return x if update is None else update(x, sigma)
 
 # ----------------------------------------------------------------------------------------------------------
 # grids (built with numpy in float64, like the references, so every value is bit-identical)
@@ -99,13 +108,14 @@ def _check(sigmas: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                 project: Project | None = None):
+                 project: Project | None = None, update: Update | None = None):
     """Flow Euler x += (sigma_next - sigma) v (diffusers FlowMatchEulerDiscreteScheduler). x: latent, float32.
-    project: see the module docstring."""
+    project, update: see the module docstring."""
     s = _check(sigmas)
     x = _pin(x.to(torch.float32), project)
     for i in range(len(sigmas) - 1):
         v = denoise(x, sigmas[i].item())
+        x = _update(x, sigmas[i].item(), update)
         if callback is not None:
             callback({"i": i, "sigma": sigmas[i].item(), "x": x, "x0": x - s[i] * v})
         x = _pin(x + (s[i + 1] - s[i]) * v, project)
@@ -148,7 +158,7 @@ def _unipc_bh2(x, ms, lams, sigma, sigma_next, lam_next, m_next=None):
 
 @torch.no_grad()
 def sample_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                 order: int = 2, project: Project | None = None):
+                 order: int = 2, project: Project | None = None, update: Update | None = None):
     """UniPC-bh2 multistep (official Wan FlowUniPCMultistepScheduler = diffusers UniPCMultistepScheduler, flow).
 
     predict_x0, UniC corrector at every step i >= 1 (disable_corrector=[]), lower_order_final. Step i's predictor
@@ -156,7 +166,9 @@ def sample_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callba
     3 steps are orders 1, 2, 1 and 4 steps 1, 2, 2, 1); the corrector at step i reuses step i-1's order.
     x: latent, float32; sigmas: (N + 1,) with sigmas[0] < 1 (lambda is -inf at sigma = 1). Returns x at sigmas[-1].
     project: see the module docstring (the corrector starts from the projected previous sample, as the official
-    TI2V loop hands its re-imposed latent to the scheduler).
+    TI2V loop hands its re-imposed latent to the scheduler). update: see the module docstring (the updated x gives
+    this step's x0 and the predictor's start; the corrector restarts from the previous sample, as the official
+    scheduler's step does with FlowMo's optimized sample).
     """
     s = _check(sigmas)
     if order < 1:
@@ -169,6 +181,7 @@ def sample_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callba
     ms, x_prev, p_prev = [], None, 0  # history: last `order` x0 predictions; sample and order of the last step
     for i in range(n):
         v = denoise(x, sigmas[i].item())
+        x = _update(x, sigmas[i].item(), update)
         m = x - s[i] * v  # x0 prediction
         if callback is not None:
             callback({"i": i, "sigma": sigmas[i].item(), "x": x, "x0": m})
@@ -183,12 +196,12 @@ def sample_unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callba
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
-                    project: Project | None = None):
+                    project: Project | None = None, update: Update | None = None):
     """DPM-Solver++(2M), midpoint, in x0 form (official Wan FlowDPMSolverMultistepScheduler, diffusers DPMSolver++).
 
     The first step (warm-up) and the last step (lower_order_final, final sigma zero) are 1st order (DDIM).
-    x: latent, float32; sigmas: (N + 1,); sigmas[0] = 1.0 is allowed. Returns x at sigmas[-1]. project: see the
-    module docstring.
+    x: latent, float32; sigmas: (N + 1,); sigmas[0] = 1.0 is allowed. Returns x at sigmas[-1]. project, update: see
+    the module docstring.
     """
     s = _check(sigmas)
     n = len(sigmas) - 1
@@ -196,6 +209,7 @@ def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, cal
     m_prev = lam_prev = None
     for i in range(n):
         v = denoise(x, sigmas[i].item())
+        x = _update(x, sigmas[i].item(), update)
         m = x - s[i] * v  # x0 prediction
         if callback is not None:
             callback({"i": i, "sigma": sigmas[i].item(), "x": x, "x0": m})
@@ -285,14 +299,17 @@ def _vp_grid(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> list[tupl
 
 @torch.no_grad()
 def sample_ddim_vpred(denoise: VDenoise, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
-                      callback: Callback | None = None) -> torch.Tensor:
+                      callback: Callback | None = None, update: Update | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta 0) for v-prediction (CogVideoXDDIMScheduler.step):
     x_prev = A x + B x0 with A = sqrt((1 - a_prev) / (1 - a_t)), B = sqrt(a_prev) - sqrt(a_t) A.
     The first step (a_t = 0 under zero terminal SNR) gives x0 = -v and ignores x except through v; the last
-    (a_prev = 1) returns x0. x: latent, float32. Returns the sample after the last step."""
+    (a_prev = 1) returns x0. x: latent, float32. update: see the module docstring. Returns the sample after the last
+    step."""
     x = x.to(torch.float32)
     for i, (t, a_t, a_prev, _) in enumerate(_vp_grid(timesteps, alphas_cumprod)):
-        x0 = x0_from_v(x, denoise(x, t), a_t)
+        v = denoise(x, t)
+        x = _update(x, t, update)
+        x0 = x0_from_v(x, v, a_t)
         if callback is not None:
             callback({"i": i, "t": t, "sigma": math.sqrt(1 - a_t), "x": x, "x0": x0})
         coef_x = math.sqrt((1 - a_prev) / (1 - a_t))
@@ -314,7 +331,7 @@ def _half_log_snr(a: float) -> float:
 @torch.no_grad()
 def sample_dpm_vpred(denoise: VDenoise, x: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
                      generator: torch.Generator | None = None, callback: Callback | None = None,
-                     frames_first: bool = False) -> torch.Tensor:
+                     frames_first: bool = False, update: Update | None = None) -> torch.Tensor:
     """Stochastic SDE-DPM-Solver++(2M) for v-prediction (CogVideoXDPMScheduler.step as pipeline_cogvideox steps it,
     = SAT VPSDEDPMPP2MSampler). With h = lambda_prev - lambda_t:
     x_prev = A x - B D + s eps, A = sqrt((1 - a_prev) / (1 - a_t)) e^-h, B = expm1(-2h) sqrt(a_prev),
@@ -330,7 +347,7 @@ def sample_dpm_vpred(denoise: VDenoise, x: torch.Tensor, timesteps: torch.Tensor
     first is discarded); 1 at the last step (unused). Pass the generator that drew the initial latent, in the same
     state the pipeline leaves it, to reproduce a diffusers run. x: latent, float32. frames_first: x is
     (B, C, F, H, W) but each draw is made in diffusers' latent layout (B, F, C, H, W) and permuted, so the values
-    match CogVideoXPipeline's (its latents are frames first).
+    match CogVideoXPipeline's (its latents are frames first). update: see the module docstring.
     """
     x = x.to(torch.float32)
     device = generator.device if generator is not None else torch.device("cpu")
@@ -341,7 +358,9 @@ def sample_dpm_vpred(denoise: VDenoise, x: torch.Tensor, timesteps: torch.Tensor
         draw = lambda: draw_ff().transpose(1, 2)  # noqa: E731
     x0_prev, lam_back = None, None
     for i, (t, a_t, a_prev, prev_t) in enumerate(_vp_grid(timesteps, alphas_cumprod)):
-        x0 = x0_from_v(x, denoise(x, t), a_t)
+        v = denoise(x, t)
+        x = _update(x, t, update)
+        x0 = x0_from_v(x, v, a_t)
         if callback is not None:
             callback({"i": i, "t": t, "sigma": math.sqrt(1 - a_t), "x": x, "x0": x0})
         lam, lam_next = _half_log_snr(a_t), _half_log_snr(a_prev)

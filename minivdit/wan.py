@@ -89,10 +89,11 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, context=None, rope=None, identity: bool = False):
+    def forward(self, x, context=None, rope=None, identity: bool = False, blur: tuple | None = None):
         """x: (B, L, dim), context: (B, L_text, dim) or None -> (B, L, dim).
 
-        identity: the self-attention map is the identity (STG-A), so each token's output is o(its value vector).
+        identity: the self-attention map is the identity (STG-A, PAG), so each token's output is o(its value vector).
+        blur: SEG's (sigma, token grid, 0): the queries entering the softmax (after norm and RoPE) are blurred.
         """
         split = lambda t: rearrange(t, "b l (n d) -> b l n d", n=self.num_heads)  # (B, L, heads, head_dim)
         kv = x if context is None else context
@@ -104,7 +105,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if context is not None:  # cross-attention to the text: local to each token, also under sequence parallel
             return self.o(attention(q, k, v))
-        return self.o(ulysses_attention(q, k, v))  # self-attention over all video tokens (= attention on 1 rank)
+        return self.o(ulysses_attention(q, k, v, blur=blur))  # over all video tokens (one rank: = attention)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e0, context, rope, identity_attn: bool = False):
+    def forward(self, x, e0, context, rope, identity_attn: bool = False, blur: tuple | None = None):
         """x: (B, L, dim) float32 residual stream; e0: (B, 1 or L, 6, dim) float32 time projection; context:
         (B, L_text, dim) in the parameter dtype. Precision as the official bf16 autocast (models.md §0.1): the residual
         stream, norms and modulation stay float32, only the matrix products and attention run in the parameter
@@ -132,7 +133,7 @@ class WanBlock(nn.Module):
         dtype = self.self_attn.q.weight.dtype
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).unbind(2)
         h = self.norm1(x) * (1 + scale_sa) + shift_sa  # float32
-        x = x + self.self_attn(h.to(dtype), rope=rope, identity=identity_attn).float() * gate_sa
+        x = x + self.self_attn(h.to(dtype), rope=rope, identity=identity_attn, blur=blur).float() * gate_sa
         x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
         h = self.norm2(x) * (1 + scale_ffn) + shift_ffn
         return x + self.ffn(h.to(dtype)).float() * gate_ffn
@@ -236,9 +237,10 @@ class WanModel(nn.Module):
         # sequence parallel: this rank's tokens and their global positions (one process: unchanged)
         h, rope = distributed.shard(h), tuple(distributed.shard(r, dim=0) for r in rope)
 
-        def run(i, h, cond, identity):
+        def run(i, h, cond, identity, blur):
             e, e0, context = cond
-            return self.blocks[i](h, e0, context, rope, identity_attn=identity)
+            return self.blocks[i](h, e0, context, rope, identity_attn=identity,
+                                  blur=None if blur is None else (blur, grid, 0))
 
         h, (e, _, _) = run_blocks(run, len(self.blocks), h, (e, e0, context), perturb, branches, layout)
         out = distributed.gather(self.head(h, e))  # (B + branches, L, prod(patch) * out_dim), all ranks' tokens

@@ -139,7 +139,7 @@ def test_stg_a_replaces_self_attention_by_the_projected_values(model):
     attn = model.blocks[1].self_attn
     original = attn.forward
     try:  # reference: the self-attention output of block 1 is o(v) -- each token's own value vector
-        attn.forward = lambda h, rope=None, identity=False: attn.o(attn.v(h))
+        attn.forward = lambda h, rope=None, identity=False, blur=None: attn.o(attn.v(h))
         want = model(x, t, ctx)
     finally:
         attn.forward = original
