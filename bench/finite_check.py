@@ -63,7 +63,7 @@ def main():
     cases = [("tiny (dim 64, 4 blocks), 9 x 64 x 64", tiny.config, SampleConfig("", frames=9, height=64, width=64)),
              (f"1.3B width ({a.layers} of 30 blocks), 33 x 240 x 416", real,
               SampleConfig("", frames=33, height=240, width=416))]
-    print(f"| model, frames x H x W | latent | step (s) | latent check (s) | check / step |\n|---|---|---|---|---|")
+    print("| model, frames x H x W | latent | step (s) | latent check (s) | check / step |\n|---|---|---|---|---|")
     for name, config, run in cases:
         r = measure(config, run, a.device, a.repeats)
         print(f"| {name} | {r['latent']} | {r['step']:.4g} | {r['check']:.3g} | {100 * r['ratio']:.3f} % |")

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from dataclasses import replace  # noqa: E402
 
-import torch  # noqa: E402
 
 from minivdit import distributed  # noqa: E402
 from minivdit.analysis import MAStats, write_plots  # noqa: E402
@@ -30,27 +29,32 @@ from minivdit.video import write_json  # noqa: E402
 from samplers.sample import check_device  # noqa: E402
 
 
-def parse(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="checkpoint folder; default: the embedded tiny checkpoint")
-    p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    for name in ("frames", "height", "width", "steps"):
-        p.add_argument(f"--{name}", type=int, default=None, help="default: the preset's")
-    p.add_argument("--shift", type=float, default=None, help="flow shift; default: the preset's")
-    p.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks to record (0-based; default all)")
-    p.add_argument("--p", type=float, default=8.0, help="boundary width in percent of a frame per side")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: the embedded tiny checkpoint)")
+    p.add_argument("--prompts", default=None, help="a text file, one prompt per line, # comments (default: none)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: one fox prompt if neither --prompt nor --prompts)")
+    for name, what in (("frames", "frames, 4k+1"), ("height", "pixels, a multiple of the model's stride"),
+                       ("width", "pixels, a multiple of the model's stride"), ("steps", "sampling steps >= 1")):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"{what} (default: the preset's)")
+    p.add_argument("--shift", type=float, default=None, help="flow shift > 0 (default: the preset's)")
+    p.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks to record, 0-based (default: all)")
+    p.add_argument("--p", type=float, default=8.0, help="boundary width B(p), percent of a latent frame's tokens per side (default: %(default)s)")
     p.add_argument("--a1", default=None, help="STAS App. A.1-order slots 'step:block,...' (0-based; mean |h| over "
                                               "prompts, then max over tokens: Table A1's columns); default 5:15 "
                                               "when the run has them, 'none' to skip")
-    p.add_argument("--seed", type=int, default=0, help="prompt k uses seed + k")
-    p.add_argument("--plot-step", type=int, default=None, help="default: min(5, steps - 1)")
-    p.add_argument("--plot-block", type=int, default=None, help="default: the middle recorded block")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="outputs/ma-analysis", help="output folder (report.json and PNGs)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="noise seed, an integer >= 0; prompt k uses seed + k (default: %(default)s)")
+    p.add_argument("--plot-step", type=int, default=None, help="step (0-based) of the plots (default: min(5, steps - 1))")
+    p.add_argument("--plot-block", type=int, default=None, help="block (0-based) of the plots (default: the middle recorded block)")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N (default: cuda if a GPU is visible, else cpu)")
+    p.add_argument("--out", default="outputs/ma-analysis", help="output folder: report.json, PNGs, report.html (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report (default: refuse)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: off)")
+    return p
+
+
+def parse(argv=None):
+    return parser().parse_args(argv)
 
 
 def main(argv=None):

@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import imageio.v2 as imageio  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from minivdit import distributed  # noqa: E402
@@ -54,14 +53,14 @@ from minivdit.guidance import OPTIONS, uses  # noqa: E402
 from minivdit.metrics import (BACKBONES, FIDELITY_METRICS, TRANSITION_METRICS, export_vbench,  # noqa: E402
                               fidelity, load_backbone, mean_std, plot_summary, plot_transitions, transition_columns,
                               video_metrics)
-from minivdit.pipeline import (COG_SOLVERS, DTYPES, FAMILIES, SOLVERS, SampleConfig, WanPipeline,  # noqa: E402
+from minivdit.pipeline import (DTYPES, FAMILIES, SampleConfig, WanPipeline,  # noqa: E402
                                check_vae, detect_preset, encode_with, family_of, find_checkpoint, guidance_for,
                                load_text, prompt_tokens, sidecar, tiny_checkpoint)
 from minivdit.report import write_report  # noqa: E402
 from minivdit.specs import GRAMMAR, Spec, filename, parse_specs  # noqa: E402
 from minivdit.text import read_prompts  # noqa: E402
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
-from samplers.sample import add_guidance_args, check_device  # noqa: E402
+from samplers.sample import add_guidance_args, add_run_args, check_device  # noqa: E402
 
 KEYS = ("method", "prompt", "seed")
 COST = ("passes_per_step", "seconds_per_step", "overhead_vs_cfg")
@@ -100,41 +99,39 @@ def check_flags(runs: list[Spec], args) -> None:
                          "--method or drop the option")
 
 
-def parse(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.format(grammar=GRAMMAR),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", "--methods", dest="methods", action="append", default=None, metavar="SPEC",
                    help=f"method specs (grammar above), repeatable, ';' separates specs (default: {DEFAULT_METHODS})")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", default=None, help="a text file, one prompt per line")
-    p.add_argument("--negative-prompt", default=None, help="default: the official Wan negative prompt")
-    p.add_argument("--seeds", default="0,1,2,3,4", help="comma list of noise seeds (default: 5, the STAS protocol)")
-    p.add_argument("--ckpt", default=None, help="checkpoint folder; default: the embedded tiny checkpoint")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: one fox prompt if neither --prompt nor --prompts)")
+    p.add_argument("--prompts", default=None, help="a text file, one prompt per line, # comments (default: none)")
+    p.add_argument("--negative-prompt", default=None, help="default: the family's (Wan: the official negative prompt; CogVideoX: \"\")")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma list of noise seeds, integers >= 0 (default: %(default)s, the STAS protocol's 5)")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder (default: the embedded tiny checkpoint)")
     p.add_argument("--preset", default=None, choices=[n for f in FAMILIES.values() for n in f.presets],
                    help="default: detected from the weights")
-    for name, typ in (("frames", int), ("height", int), ("width", int), ("steps", int), ("shift", float),
-                      ("fps", int), ("guidance-scale", float)):
-        p.add_argument(f"--{name}", type=typ, default=None, help="default: the preset's")
-    p.add_argument("--solver", default=None, choices=[*SOLVERS, *COG_SOLVERS],
-                   help="default: the preset's (Wan: unipc; CogVideoX: ddim for 2B, dpm for 5B / 1.5)")
-    p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
-                   help="CogVideoX: dynamic CFG (default: the preset's)")
+    add_run_args(p)  # as in sample.py
     add_guidance_args(p)  # every option of guidance.OPTIONS, as in sample.py; each goes to the runs that use it
     for kind, (_, _, what) in BACKBONES.items():
         p.add_argument(f"--{kind}", default=None, metavar="DIR", help=f"local {what} folder: adds its frame-pair "
-                                                                       "similarity (STAS Table 2)")
+                                                                       "similarity (STAS Table 2) (default: none)")
     p.add_argument("--flow-size", type=int, default=416, help="longer side in pixels the optical flow and warping "
-                                                              "error run at (frames resized; 0: full size)")
+                                                              "error run at (frames resized; 0: full size) (default: %(default)s)")
     p.add_argument("--vbench-export", default=None, metavar="DIR", help="also lay the videos out for VBench's "
-                                                                        "custom_input mode and print the commands")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="DiT weights dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="under torchrun, cuda means cuda:LOCAL_RANK")
-    p.add_argument("--out", default="outputs/compare")
+                                                                        "custom_input mode and print the commands (default: none)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="DiT weights dtype (default: %(default)s)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N; under torchrun cuda means cuda:LOCAL_RANK (default: cuda if a GPU is visible, else cpu)")
+    p.add_argument("--out", default="outputs/compare", help="output folder; a re-run resumes in it (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="redo every job, also those done with other settings "
                                                             "(default: skip done jobs, refuse changed ones)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: off)")
+    return p
+
+
+def parse(argv=None):
+    return parser().parse_args(argv)
 
 
 @dataclass(frozen=True)

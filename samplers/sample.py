@@ -93,6 +93,22 @@ def seed(s: str) -> int | None:
     return v
 
 
+def add_run_args(p):
+    """The sampling options shared with compare.py: size, frames, steps, shift, guidance scale, fps, solver."""
+    for name, typ, what in (("frames", int, "frames, 4k+1 (default: the preset's)"),
+                            ("height", int, "pixels, a multiple of 16 (32 for TI2V-5B) (default: the preset's)"),
+                            ("width", int, "pixels, a multiple of 16 (32 for TI2V-5B) (default: the preset's)"),
+                            ("steps", int, "sampling steps >= 1 (default: the preset's)"),
+                            ("shift", finite, "Wan flow shift > 0 (default: the preset's; CogVideoX has none)"),
+                            ("guidance-scale", finite, "CFG scale g >= 0 (default: the preset's)"),
+                            ("fps", int, "frames per second of the mp4, >= 1 (default: the preset's)")):
+        p.add_argument(f"--{name}", type=typ, default=None, help=what)
+    p.add_argument("--solver", default=None, choices=[*SOLVERS, *COG_SOLVERS],
+                   help="default: the family's (Wan unipc; CogVideoX the preset's: ddim for 2B, dpm for 5B / 1.5)")
+    p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="CogVideoX dynamic CFG (default: the preset's, on; refused for Wan)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="A red fox trots through fresh snow in a pine forest at dawn.",
@@ -120,18 +136,7 @@ def parser() -> argparse.ArgumentParser:
                                                                "the running one is resident)")
     p.add_argument("--steer-experts", default=None, help="A14B with --stas or --method dg: the experts STAS / DG "
                                                          "steer, comma separated, e.g. high (default: all)")
-    for name, typ, what in (("frames", int, "frames, 4k+1 (default: the preset's)"),
-                            ("height", int, "pixels, a multiple of 16 (32 for TI2V-5B) (default: the preset's)"),
-                            ("width", int, "pixels, a multiple of 16 (32 for TI2V-5B) (default: the preset's)"),
-                            ("steps", int, "sampling steps >= 1 (default: the preset's)"),
-                            ("shift", finite, "Wan flow shift > 0 (default: the preset's; CogVideoX has none)"),
-                            ("guidance-scale", finite, "CFG scale g >= 0 (default: the preset's)"),
-                            ("fps", int, "frames per second of the mp4, >= 1 (default: the preset's)")):
-        p.add_argument(f"--{name}", type=typ, default=None, help=what)
-    p.add_argument("--solver", default=None, choices=[*SOLVERS, *COG_SOLVERS],
-                   help="default: the family's (Wan unipc; CogVideoX the preset's: ddim for 2B, dpm for 5B / 1.5)")
-    p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
-                   help="CogVideoX dynamic CFG (default: the preset's, on; refused for Wan)")
+    add_run_args(p)
     p.add_argument("--method", default="cfg", metavar="SPEC", help=f"guidance method, one of {', '.join(METHODS)}, "
                    "or one method spec with parameters, e.g. 'stg:mode=A,blocks=2', 'cfg+stas:alpha=2' (grammar: "
                    "samplers/compare.py --help; docs/methods.md) (default: %(default)s)")
@@ -151,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sp", type=int, default=1, help="sequence parallel: split the video's tokens over N ranks "
                    "(Ulysses); run under `torchrun --nproc-per-node N`; rank 0 writes (README: Many processes) "
                    "(default: 1, one process)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: off)")
     return p
 
 

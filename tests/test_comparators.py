@@ -489,6 +489,6 @@ def test_every_comparator_in_the_card_and_both_scripts():
     for method in ("pag", "seg", "fdg", "tcfg", "mag", "autoguidance", "cfgpp", "flowmo"):
         assert f'<a id="{method}"></a>' in card and f"`{method}`" in card, method
         assert sample.parse(["--method", method]).method == method
-        assert compare.parse_methods(f"{method},{method}+stas") == ["cfg", method, f"{method}+stas"]
+        assert [r.label for r in compare.parse_methods(f"{method},{method}+stas")] == ["cfg", method, f"{method}+stas"]
     args = sample.parse(["--method", "flowmo", "--flowmo-checkpoint", "1", "--flowmo-timesteps", "999,995"])
     assert (args.flowmo_checkpoint, args.flowmo_timesteps) == (True, (999, 995))

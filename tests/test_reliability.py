@@ -156,11 +156,13 @@ def test_cli_run_exit_codes(capsys):
 
 def test_help_gives_every_option_a_default():
     from minivdit.guidance import OPTIONS
-    text = sample.parser().format_help()
+    from samplers import analyze, compare
     guidance = {name for name, *_ in OPTIONS}  # their group's title: "default: the preset's settings"
-    for a in sample.parser()._actions:
-        assert a.help, a.dest
-        assert a.dest in ("help", "debug") or a.dest in guidance or "default" in a.help, a.dest
+    for script in (sample, compare, analyze):
+        for a in script.parser()._actions:
+            assert a.help, (script.__name__, a.dest)
+            assert a.dest == "help" or a.dest in guidance or "default" in a.help, (script.__name__, a.dest)
+    text = sample.parser().format_help()
     assert "'random'" in text and "default: the preset's settings" in text
 
 

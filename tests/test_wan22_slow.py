@@ -13,7 +13,6 @@ from dataclasses import replace
 import pytest
 import torch
 from diffusers import WanPipeline as DiffusersWanPipeline
-from diffusers import WanTransformer3DModel
 
 from minivdit import solvers
 from minivdit.guidance import Guidance
