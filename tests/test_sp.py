@@ -5,6 +5,7 @@ rank saves what it got, and the tests compare with the same case computed here i
 <= 1e-5 relative to the largest value).
 """
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -66,7 +67,8 @@ def inputs(name, model):
 
 
 def cases(captured):
-    """name -> (perturb, branches): clean, STAS (both rules), DG / STG-A / STG-R branches (shared prefix), capture."""
+    """name -> (perturb, branches): clean, STAS (both rules), DG / STG-A / STG-R branches (shared prefix), SEG's
+    blurred queries (finite sigma and the mean), capture."""
     capture = lambda i, h: captured.append(h.clone())  # noqa: E731
     return {"clean": (Perturb(), ()),
             "stas": (Perturb(steer=Steer(block=1, dims=(3, 17), alpha=2.5, p=20.0)), ()),
@@ -74,6 +76,8 @@ def cases(captured):
             "branches": (Perturb(steer=Steer(block=1, dims=(3,), tokens="first")),
                          ((0, Perturb(zero=Zero(block=1, dims=(3,)))), (1, Perturb(identity_attn=frozenset({2}))),
                           (0, Perturb(skip=frozenset({2}))))),
+            "seg": (Perturb(), ((0, Perturb(blur_attn=frozenset({1}), blur_sigma=1.0)),  # SEG: blurred queries
+                                (1, Perturb(blur_attn=frozenset({2}), blur_sigma=math.inf)))),
             "capture": (Perturb(capture=capture), ())}
 
 

@@ -50,7 +50,8 @@ def test_every_option_is_a_spec_parameter():
 @pytest.mark.parametrize("spec, match", [
     ("foo", "unknown method 'foo'"),
     ("dg+cfg", "unknown method 'dg\\+cfg'"),
-    ("cfg:alpha=2", "cfg has no parameter 'alpha'; it belongs to method 'stas'"),
+    ("cfg:omega=2", "cfg has no parameter 'omega'; it belongs to method 'stas'"),
+    ("cfg:alpha=2", "cfg has no parameter 'alpha'; it belongs to method 'mag' / 'stas'"),
     ("dg:mode=R", "it belongs to method 'stg'"),
     ("dg:what=1", "no parameter 'what'; known for dg: .*scale"),
     ("dg+stas:block=2", "'block' is ambiguous in dg\\+stas; write one of"),
@@ -133,4 +134,4 @@ def test_sample_takes_one_spec_or_the_old_flags():
     with pytest.raises(ValueError, match="describes 2 runs; sample.py makes one video"):
         g("--method", "stg:mode=A|R")
     with pytest.raises(ValueError, match="it belongs to method 'stas'"):
-        g("--method", "cfg:alpha=1")
+        g("--method", "cfg:omega=1")
