@@ -166,7 +166,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("model", ["wan2.1", "wan2.2-ti2v", "cogvideox-2b", "cogvideox-5b", "cogvideox1.5",
                                    "wan2.1-odd", "cogvideox-5b-odd"])
-@pytest.mark.parametrize("case", ["clean", "stas", "stas-scaling", "branches", "captured"])
+@pytest.mark.parametrize("case", ["clean", "stas", "stas-scaling", "branches", "seg", "captured"])
 def test_sp2_forward_equals_one_process(sp_results, one_process, model, case):
     want = one_process[f"{model}/{case}"]
     for got in sp_results:
@@ -183,6 +183,9 @@ def test_interventions_change_the_forward(one_process):
         branches = one_process[f"{model}/branches"]
         for row in range(2, 5):  # DG, STG-A, STG-R rows differ from their parent row's STAS-first pass
             assert rel(branches[row], branches[0 if row != 3 else 1]) > 1e-3
+        seg = one_process[f"{model}/seg"]
+        for row in (2, 3):  # SEG rows (sigma 1, infinite) differ from their clean parent rows
+            assert rel(seg[row], seg[row - 2]) > 1e-3
 
 
 def test_sp2_stas_leaves_the_padding_out(sp_results, one_process):
