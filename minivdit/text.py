@@ -50,37 +50,34 @@ def clean_prompt(text: str) -> str:
 # configs
 
 
+# the encoder structure shared by umt5-xxl and T5 v1.1-xxl (gated-GELU FFN, 32 relative-position buckets), and the
+# sizes of the real xxl encoders and of the tiny test ones
+ENCODER = dict(relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+               dense_act_fn="gelu_new", layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0,
+               eos_token_id=1, is_encoder_decoder=False)
+XXL = dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24)
+TINY = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2)
+
+
 def umt5_xxl_config() -> UMT5Config:
     """google/umt5-xxl encoder as used by every Wan model (models.md §2.7): 5.68 B params."""
-    return UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
-                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                      feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False)
+    return UMT5Config(vocab_size=256384, **XXL, **ENCODER)
 
 
 def tiny_umt5_config(vocab_size: int) -> UMT5Config:
     """A tiny umt5 with the xxl structure (gated-gelu, per-layer relative bias) for tests and demos."""
-    return UMT5Config(vocab_size=vocab_size, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                      feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False)
+    return UMT5Config(vocab_size=vocab_size, **TINY, **ENCODER)
 
 
 def t5_v1_1_xxl_config() -> T5Config:
     """google/t5-v1_1-xxl encoder as used by CogVideoX (models.md §3.6): relative bias in block 0 only, 4.76 B
     params."""
-    return T5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
-                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                    feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
-                    tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False)
+    return T5Config(vocab_size=32128, **XXL, **ENCODER)
 
 
 def tiny_t5_config(vocab_size: int) -> T5Config:
     """A tiny T5 with the v1.1-xxl structure (gated-gelu, shared relative bias) for tests and demos."""
-    return T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                    feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", layer_norm_epsilon=1e-6,
-                    tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False)
+    return T5Config(vocab_size=vocab_size, **TINY, **ENCODER)
 
 
 # ----------------------------------------------------------------------------------------------------------
