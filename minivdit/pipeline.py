@@ -456,16 +456,19 @@ class Pipeline:
     resident at a time: when the step's timestep crosses the boundary, the pipeline drops the resident expert and
     then calls the next loader, unless keep_experts=True (both stay loaded after their first use). `loads` lists
     the experts loaded so far in order; `expert_steps` names the expert that ran each step of the last `sample`.
+    compile: the DiT blocks of every model that becomes resident run through torch.compile (`compile_blocks`).
     """
 
     def __init__(self, model: WanModel | None, vae: WanVAE | None, text_encoder, tokenizer, preset: str, info: dict,
-                 experts: Mapping[str, Callable[[], WanModel]] | None = None, keep_experts: bool = False):
+                 experts: Mapping[str, Callable[[], WanModel]] | None = None, keep_experts: bool = False,
+                 compile: bool = False):
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.family = family_of(preset)
         self.preset, self.info = self.family.presets[preset], dict(info, preset=preset, family=self.family.name)
         self.names = [e.name for e in self.preset.experts] or ["dit"]  # in timestep order, high noise first
         self.loaders, self.keep_experts = dict(experts or {}), keep_experts
-        self.resident = {} if model is None else {self.names[0]: model}  # name -> loaded DiT
+        self.compile = compile
+        self.resident = {} if model is None else {self.names[0]: compile_blocks(model) if compile else model}
         missing = [n for n in self.names if n not in self.loaders and n not in self.resident]
         if missing:
             raise ValueError(f"preset {preset!r} needs the DiTs {self.names}; no model or loader for {missing}")
@@ -491,7 +494,8 @@ class Pipeline:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            self.resident[name] = self.loaders[name]()
+            model = self.loaders[name]()
+            self.resident[name] = compile_blocks(model) if self.compile else model
             self.loads.append(name)
         self.current = name
         return self.resident[name]
@@ -499,7 +503,8 @@ class Pipeline:
     @classmethod
     def load(cls, path, preset: str | None = None, vae=None, text_encoder=None, tokenizer=None,
              dtype: torch.dtype | None = None, text_dtype: torch.dtype = torch.bfloat16, device="cpu",
-             with_text_encoder: bool = True, ckpt_high=None, ckpt_low=None, keep_experts: bool = False):
+             with_text_encoder: bool = True, ckpt_high=None, ckpt_low=None, keep_experts: bool = False,
+             compile: bool = False):
         """Load the components of a checkpoint (see `find_checkpoint`); dtype: DiT parameter dtype (None: as stored).
 
         with_text_encoder=False leaves the text encoder out: pass `context` from `encode_prompts` to `sample`.
@@ -526,7 +531,8 @@ class Pipeline:
                 **{k: str(Path(found[k]).resolve()) for k in ("vae", "text_encoder", "tokenizer")}}
         if experts:
             info["experts"] = {k: str(Path(v).resolve()) for k, v in found["experts"].items()}
-        pipe = cls(model, vae_model, enc, tok, preset, info, experts=experts, keep_experts=keep_experts)
+        pipe = cls(model, vae_model, enc, tok, preset, info, experts=experts, keep_experts=keep_experts,
+                   compile=compile)
         pipe.model  # noqa: B018 -- the first expert is loaded now: errors surface before sampling
         return pipe
 
@@ -750,6 +756,23 @@ class Pipeline:
 
 
 WanPipeline = Pipeline  # the name before CogVideoX joined the loop
+
+
+def compile_blocks(model, backend: str | Callable = "inductor"):
+    """Compile every DiT block in place with torch.compile (`nn.Module.compile`); returns the model.
+
+    The block loop, the interventions between blocks (STAS steering, DG zeroing, captures) and the branch bookkeeping
+    stay eager (interventions.run_blocks), so only what runs inside a block is traced: the step index, timestep and
+    steering values are tensors and never recompile. A block is traced once per distinct structure of its arguments:
+    identity attention (STG-A, PAG) or SEG's blur sigma change the traced code; a branch pass's one-row batch makes
+    the batch size dynamic (one recompile). All blocks share the traced graphs (parameters are graph inputs).
+    The first call of each structure compiles (inductor on CPU: tens of seconds at 1.3B width, README: Speed).
+    backend: torch.compile's backend ('inductor'; tests count compiles with a counting backend).
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # many methods, one process
+    for block in model.blocks if isinstance(model, WanModel) else model.transformer_blocks:  # CogVideoX: diffusers name
+        block.compile(backend=backend)
+    return model
 
 
 def patch_weight(model) -> torch.Tensor:

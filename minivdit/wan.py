@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 
 from . import distributed
@@ -34,11 +35,12 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def rope_angles(grid: tuple[int, int, int], head_dim: int, device=None, theta: float = 10000.0):
-    """3D RoPE (cos, sin), each (L, head_dim/2) float32, from the integer token grid positions (f, h, w).
+def rope_angles(grid: tuple[int, int, int], head_dim: int, device=None, theta: float = 10000.0) -> torch.Tensor:
+    """3D RoPE rotations exp(i pos w) as complex64 (L, head_dim/2), from the integer token grid positions (f, h, w).
 
     The head dim is split t | h | w = head_dim - 4(head_dim//6) | 2(head_dim//6) | 2(head_dim//6) (44/42/42 for 128);
-    axis a of width D_a rotates pair j by pos * theta^(-2j/D_a). Computed in float64, returned float32.
+    axis a of width D_a rotates pair j by pos * theta^(-2j/D_a). Angles in float64 (official `rope_params`), the
+    rotation applied in complex64, i.e. float32 products, as diffusers (the official code multiplies in complex128).
     """
     sizes = (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
     axes = []
@@ -49,15 +51,14 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, device=None, theta: f
     angles = torch.cat([axes[0][:, None, None].expand(f, h, w, -1),
                         axes[1][None, :, None].expand(f, h, w, -1),
                         axes[2][None, None, :].expand(f, h, w, -1)], dim=-1).reshape(f * h * w, -1)  # (L, hd/2)
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, L, heads, head_dim) in float32; returns x's dtype."""
-    cos, sin = (r[:, None] for r in rope)  # (L, 1, hd/2)
-    xe, xo = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, heads, hd/2) each
-    out = torch.stack([xe * cos - xo * sin, xe * sin + xo * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, L, heads, head_dim) as complex numbers by rope (L, head_dim/2)
+    complex64 (official `rope_apply`): one complex product in float32, no stack / flatten copies; returns x's dtype."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, L, heads, hd/2) complex64, a view
+    return torch.view_as_real(pairs * rope[:, None]).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,15 +66,15 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight (Wan's WanRMSNorm)."""
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times weight (Wan's WanRMSNorm). F.rms_norm without a weight
+    computes in float32 and rounds once to x's dtype, so it equals the official two-step form bitwise, in one pass."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
 class Attention(nn.Module):
@@ -112,6 +113,15 @@ class Attention(nn.Module):
 # block
 
 
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """adaLN modulation x * (1 + scale) + shift, computed in float32 and written straight in `dtype` (the dtype of the
+    next matrix product): one fused pass instead of a multiply, an add and a cast. x: (B, L, dim) float32; shift,
+    scale: (B, 1 or L, dim) float32. Returns (B, L, dim) in dtype."""
+    if dtype == x.dtype or torch.is_grad_enabled():  # nothing to cast, or autograd (FlowMo), which out= lacks
+        return torch.addcmul(shift, x, 1 + scale).to(dtype)
+    return torch.addcmul(shift, x, 1 + scale, out=x.new_empty(x.shape, dtype=dtype))
+
+
 class WanBlock(nn.Module):
     """One DiT block: modulated self-attention, cross-attention, modulated FFN (native names: norm3 = cross-attn LN)."""
 
@@ -132,11 +142,13 @@ class WanBlock(nn.Module):
         dtype (bf16 keeps massive activations, ~1e3, to 3 significant digits: bench/bf16_residual.py)."""
         dtype = self.self_attn.q.weight.dtype
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).unbind(2)
-        h = self.norm1(x) * (1 + scale_sa) + shift_sa  # float32
-        x = x + self.self_attn(h.to(dtype), rope=rope, identity=identity_attn, blur=blur).float() * gate_sa
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context).float()
-        h = self.norm2(x) * (1 + scale_ffn) + shift_ffn
-        return x + self.ffn(h.to(dtype)).float() * gate_ffn
+        # each update is one pass over the tokens: addcmul fuses the multiply-add of the modulation and of the gated
+        # residual, and reads the parameter-dtype branch output as float32 on the fly (no separate cast)
+        h = modulate(self.norm1(x), shift_sa, scale_sa, dtype)
+        x = torch.addcmul(x, self.self_attn(h, rope=rope, identity=identity_attn, blur=blur), gate_sa)
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context)  # float32 + dtype -> float32, one pass
+        h = modulate(self.norm2(x), shift_ffn, scale_ffn, dtype)
+        return torch.addcmul(x, self.ffn(h), gate_ffn)
 
 
 class Head(nn.Module):
@@ -152,7 +164,7 @@ class Head(nn.Module):
         """x: (B, L, dim) float32, e: (B, 1 or L, dim) float32 -> (B, L, out_features) float32 (the official head
         runs wholly in float32; its Linear is kept float32 at any load dtype)."""
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # (B, 1 or L, dim) each
-        return self.head(self.norm(x) * (1 + scale) + shift)
+        return self.head(modulate(self.norm(x), shift, scale, self.head.weight.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,7 +238,9 @@ class WanModel(nn.Module):
             p.validate(c.num_layers, c.dim)
 
         dtype = self.patch_embedding.weight.dtype  # the parameter dtype of the matrix products
-        h = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).float()  # (B, L, dim) float32 residual
+        h = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # (B, L, dim), a transposed view
+        h = h.contiguous().float()  # the float32 residual stream, token-major: element-wise ops keep their
+        # input's memory layout, so a transposed stream would make every norm, cast and matmul input strided
         t, index = torch.unique(t.reshape(b, -1), return_inverse=True)  # the distinct timesteps (TI2V: 0 and t)
         index = distributed.shard(index) if index.shape[1] > 1 else index  # per-token t: this rank's tokens
         e = self.time_embedding(sinusoidal_embedding(t, c.freq_dim).float())  # (U, dim) float32
@@ -235,7 +249,7 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(dtype))  # (B, text_len, dim)
         rope = rope_angles(grid, c.dim // c.num_heads, device=x.device)
         # sequence parallel: this rank's tokens and their global positions (one process: unchanged)
-        h, rope = distributed.shard(h), tuple(distributed.shard(r, dim=0) for r in rope)
+        h, rope = distributed.shard(h), distributed.shard(rope, dim=0)
 
         def run(i, h, cond, identity, blur):
             e, e0, context = cond

@@ -49,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--out", default="outputs/ma-analysis", help="output folder: report.json, PNGs, report.html (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report (default: refuse)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (default: off, eager)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: off)")
     return p
 
@@ -87,7 +88,7 @@ def main(argv=None):
             raise ValueError(f"block {block} (--a1 / --plot-block) is not recorded; recorded blocks: {blocks}")
     device = distributed.init(check_device(args.device))
     rank, world = distributed.rank(), distributed.world()
-    pipe = WanPipeline.load(ckpt, preset, device=device)
+    pipe = WanPipeline.load(ckpt, preset, device=device, compile=args.compile)
     layout = pipe.model.layout(family.latent(runs[0], d)[0])  # the latent the DiT runs on (CogVideoX1.5: padded)
     names = [e.name for e in d.experts] or [""]  # A14B: one set of statistics per expert (MA channels are per network)
     stats = {n: MAStats(layout, c.dim, blocks, runs[0].steps, p=args.p, a1_slots=a1) for n in names}

@@ -359,7 +359,8 @@ def sample_jobs(mine, args, found, ckpt, preset, run, guidances, keys, out, devi
                 for k, p in sorted({(j.k, j.prompt) for j in mine})}  # (2, text_len, text_dim): [cond, uncond]
     del tok, enc
     gc.collect()
-    pipe = WanPipeline.load(ckpt, preset, dtype=DTYPES[args.dtype], device=device, with_text_encoder=False)
+    pipe = WanPipeline.load(ckpt, preset, dtype=DTYPES[args.dtype], device=device, with_text_encoder=False,
+                            compile=args.compile)
     stride = pipe.vae.time_factor  # the VAE's temporal stride: where the latent-chunk seams are
     rank, world = distributed.rank(), distributed.world()
     for j in tqdm(mine, desc=f"jobs (rank {rank}/{world})", unit="job", position=rank):

@@ -107,6 +107,9 @@ def add_run_args(p):
                    help="default: the family's (Wan unipc; CogVideoX the preset's: ddim for 2B, dpm for 5B / 1.5)")
     p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
                    help="CogVideoX dynamic CFG (default: the preset's, on; refused for Wan)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks: faster steps after a "
+                   "first call that compiles (tens of seconds per intervention structure on CPU; README: Speed) "
+                   "(default: off, eager)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -256,7 +259,7 @@ def main(argv=None):
     context = encode_prompts(found, preset, [run.prompt, negative], device=device)  # text encoder freed after
     pipe = Pipeline.load(ckpt, preset, args.vae, args.text_encoder, args.tokenizer, dtype=DTYPES[args.dtype],
                          device=device, with_text_encoder=False, ckpt_high=args.ckpt_high,
-                         ckpt_low=args.ckpt_low, keep_experts=args.keep_experts)
+                         ckpt_low=args.ckpt_low, keep_experts=args.keep_experts, compile=args.compile)
     cond = {}
     if image is not None and defaults.image == "first_frame":
         cond["first_frame"] = conditioning.first_frame_latent(pipe.vae, image.to(pipe.device))
