@@ -504,6 +504,7 @@ class Pipeline:
         if name not in self.guides:
             check_guide(name, self.preset)
             self.guides[name] = load_wan(name, dtype=patch_weight(self.model).dtype, device=self.device)[0]
+            self.info.setdefault("guide_files", []).extend(str(f.resolve()) for f in find_transformer(name))
         check_guide(self.guides[name], self.preset)
         return self.guides[name]
 
@@ -935,9 +936,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".model", ".json")
 
 
 def weight_files(info: dict) -> dict:
-    """{path: checkpoints.fingerprint} of every file the run read weights or vocabulary from: the DiT files, the
-    VAE, the text encoder and the tokenizer (a folder: its files with a weight / tokenizer suffix)."""
-    paths = [Path(f) for f in info.get("dit_files", [])]
+    """{path: checkpoints.fingerprint} of every file the run read weights or vocabulary from: the DiT files (and
+    AutoGuidance guide DiTs loaded from files), the VAE, the text encoder and the tokenizer (a folder: its files with
+    a weight / tokenizer suffix)."""
+    paths = [Path(f) for f in info.get("dit_files", []) + info.get("guide_files", [])]
     for k in ("vae", "text_encoder", "tokenizer"):
         if k in info:
             p = Path(info[k])

@@ -22,7 +22,7 @@ from minivdit.attention import SEG_INF, blur_queries
 from minivdit.cogvideox import PRESETS as COG_PRESETS, CogVideoXModel
 from minivdit.guidance import Guidance, from_preset
 from minivdit.interventions import Perturb
-from minivdit.pipeline import Pipeline, SampleConfig, guidance_for
+from minivdit.pipeline import Pipeline, SampleConfig, guidance_for, weight_files
 from minivdit.wan import PRESETS, WanModel
 
 STATE = dict(step=1, num_inference_steps=10, timestep=torch.tensor(900))  # inside every guider's window
@@ -347,6 +347,10 @@ def test_autoguidance_guide_model_loads_from_a_checkpoint(tmp_path):
         loaded = pipe.denoiser(context, Guidance(method="autoguidance", ag_model=str(path)), grid)(x, grid[1].item())
         given = pipe.denoiser(context, Guidance(method="autoguidance", ag_model="memory"), grid)(x, grid[1].item())
     assert torch.equal(loaded, given) and str(path) in pipe.guides
+    assert str(path.resolve()) in weight_files(pipe.info)  # the sidecar fingerprints the guide's file
+    from minivdit.specs import filename, parse_specs
+    label = parse_specs(f"autoguidance:ag_model={path}")[0].label  # a compare.py spec: its file name stays in the folder
+    assert str(path) in label and "/" not in filename(label)
 
 
 def test_autoguidance_guide_of_another_latent_space_refused(tmp_path):
