@@ -836,6 +836,9 @@ def check_guide(guide, preset) -> None:
         g = guide.config
         have = (g.in_dim, g.out_dim, tuple(g.patch_size), g.text_dim) if isinstance(g, WanConfig) else None
     else:
+        if not Path(guide).exists():
+            raise CheckpointError(f"--ag-model {guide}: no such checkpoint file or folder (a guide DiT of the same "
+                                  "latent space, e.g. Wan2.1-1.3B's folder for Wan2.1-14B)")
         keys = LazySafetensors(find_transformer(guide)).keys()
         check_kind(keys, guide, "DiT", "--ag-model")
         have = None

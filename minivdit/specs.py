@@ -14,9 +14,9 @@ without ":" may list several bare methods with commas (the --methods form: 'cfg,
 
 Each run gets a label, the method then every parameter as written, "_"-joined, list commas as "-":
 'cfg+stas:alpha=1|2,p=8' -> 'cfg+stas_alpha=1_p=8', 'cfg+stas_alpha=2_p=8'. Labels name files, grid captions and
-table rows; `filename(label)` writes '*' as 'star', '/' as '_'. Errors (ValueError, raised before any model is loaded): unknown
-method or parameter, a value of the wrong type, a parameter of another method (named), an ambiguous short name,
-duplicate labels.
+table rows; `filename(label)` writes '*' as 'star', '/' as '_'. Errors (ValueError, raised before any model is
+loaded): unknown method or parameter, a value of the wrong type, a parameter of another method (named), an ambiguous
+short name, duplicate labels.
 """
 from __future__ import annotations
 

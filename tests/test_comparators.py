@@ -375,6 +375,8 @@ def test_autoguidance_guide_of_another_latent_space_refused(tmp_path):
                     context=torch.zeros(2, 512, 32), progress=False)
     with pytest.raises(ValueError, match="defined for Wan models only"):
         guidance_for(COG_PRESETS["cogvideox-tiny"], "autoguidance", ag_model=str(tmp_path / "cog.safetensors"))
+    with pytest.raises(ValueError, match="--ag-model .*none: no such checkpoint"):
+        guidance_for(wan21, "autoguidance", ag_model=str(tmp_path / "none"))
     with pytest.raises(ValueError, match="give one of them"):
         guidance_for(wan21, "autoguidance", ag_blocks=(1,), ag_model=str(tmp_path / "ti2v.safetensors"))
 
