@@ -86,9 +86,16 @@ def apg(x0_cond, x0_uncond, guidance_scale: float, eta: float, norm_threshold: f
     dims = tuple(range(1, d.ndim))
     if norm_threshold > 0:
         d = d * (norm_threshold / torch.linalg.vector_norm(d, dim=dims, keepdim=True)).clamp(max=1.0)
-    unit = torch.nn.functional.normalize(x0_cond.double().flatten(1), dim=1).view_as(x0_cond)
-    par = ((d.double() * unit).sum(dims, keepdim=True) * unit).to(d.dtype)
+    par = parallel_part(d, x0_cond)
     return x0_cond + (guidance_scale - 1) * (d - par + eta * par), running
+
+
+def parallel_part(d, ref):
+    """The part of d parallel to ref, per sample over all non-batch dims, computed in float64 and returned in d's
+    dtype (APG Alg. 1; diffusers FDG `project` with upcast_to_double); the orthogonal part is d minus it."""
+    dims = tuple(range(1, d.ndim))
+    unit = F.normalize(ref.double().flatten(1), dim=1).view_as(ref)
+    return ((d.double() * unit).sum(dims, keepdim=True) * unit).to(d.dtype)
 
 
 def tcfg(v_cond, v_uncond, guidance_scale: float):
@@ -145,15 +152,24 @@ def pyramid_image(pyramid: list[torch.Tensor]) -> torch.Tensor:
     return x
 
 
-def fdg(v_cond, v_uncond, scales: tuple[float, ...]):
-    """FDG (docs/methods.md#fdg; diffusers FrequencyDecoupledGuidance, parallel weights 1): a Laplacian pyramid of
-    len(scales) levels over (H, W) of every frame (tensors (B, C, F, H, W) folded to (B F, C, H, W)), per level k
-    (k = 0 finest) v_k = u_k + scales[k] (c_k - u_k), then the reconstruction."""
+def fdg(v_cond, v_uncond, scales: tuple[float, ...], parallel_weights: tuple[float, ...] = (1.0,)):
+    """FDG (docs/methods.md#fdg; diffusers FrequencyDecoupledGuidance): a Laplacian pyramid of len(scales) levels over
+    (H, W) of every frame (tensors (B, C, F, H, W) folded to (B F, C, H, W)), per level k (k = 0 finest) the shift
+    d_k = c_k - u_k, v_k = u_k + scales[k] d_k, then the reconstruction. parallel_weights (diffusers'; one value for
+    every level or one per level): where rho_k != 1, d_k <- rho_k d_par + (d_k - d_par), d_par = d_k's part parallel
+    to c_k per frame over (C, H, W) (`parallel_part`); 1 = the plain CFG shift."""
     b, c, f, h, w = v_cond.shape
     fold = lambda t: t.transpose(1, 2).reshape(b * f, c, h, w)  # noqa: E731  (B F, C, H, W)
     pc, pu = laplacian_pyramid(fold(v_cond), len(scales)), laplacian_pyramid(fold(v_uncond), len(scales))
-    v = pyramid_image([cfg(ck, uk, s) for ck, uk, s in zip(pc, pu, scales)])
-    return v.reshape(b, f, c, h, w).transpose(1, 2)
+    rhos = parallel_weights * len(scales) if len(parallel_weights) == 1 else parallel_weights
+    levels = []
+    for ck, uk, s, rho in zip(pc, pu, scales, rhos):
+        d = ck - uk
+        if not math.isclose(rho, 1.0):  # diffusers' test: projection off near 1
+            par = parallel_part(d, ck)
+            d = rho * par + (d - par)
+        levels.append(uk + s * d)
+    return pyramid_image(levels).reshape(b, f, c, h, w).transpose(1, 2)
 
 
 def cfgpp(v_cond, v_uncond, scale: float, levels: tuple[float, float, float, float]):
@@ -174,12 +190,6 @@ def flowmo_loss(v):
     one latent pixel (all C channels)."""
     d = (v[:, :, 1:] - v[:, :, :-1]).abs()  # (B, C, F - 1, H, W)
     return d.var(dim=2, unbiased=False).mean(1).flatten(1).amax(1)  # (B,)
-
-
-def flowmo_step(x, grad, lr: float):
-    """FlowMo's latent update: one step of a fresh Adam (torch defaults betas (0.9, 0.999), eps 1e-8) on x, which is
-    x - lr g / (|g| + 1e-8) elementwise (bias corrections cancel at the first step)."""
-    return x - lr * grad / (grad.abs() + 1e-8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,11 +256,20 @@ OPTIONS = (
                                 "the frame's mean query (default 9999999, official)"),
     ("fdg_scales", floats, "fdg", "FDG guidance scale per Laplacian-pyramid level, finest first (default 10,5: "
                                   "diffusers / the FDG paper's SDXL setting)"),
+    ("fdg_parallel_weights", floats, "fdg", "FDG weight of the part of each level's shift parallel to the cond "
+                                            "level: one value or one per level (default 1 = off, the plain CFG "
+                                            "shift; diffusers recommends [0, 1])"),
     ("mag_alpha", float, "mag", "magnitude-aware guidance (MAMBO-G) alpha >= 0 (default 8.0, diffusers)"),
     ("ag_blocks", ints, "autoguidance", "AutoGuidance: blocks the bad model skips on the uncond pass (default 1)"),
+    ("ag_model", str, "autoguidance", "AutoGuidance with a guide model: a DiT checkpoint of the same family and "
+                                      "latent space (e.g. Wan2.1-1.3B guiding Wan2.1-14B) whose uncond prediction is "
+                                      "the bad one, instead of skipping --ag-blocks (default: none)"),
     ("cfgpp_scale", float, "cfgpp", "CFG++ scale lambda in [0, 1] (default 0.6, the official README's DDIM value)"),
     ("flowmo_lr", float, "flowmo", "FlowMo learning rate of its Adam step on the latent, >= 0 (default 0.001, "
                                    "official)"),
+    ("flowmo_iterations", int, "flowmo", "FlowMo: Adam iterations on the latent per optimised step, >= 1 (default 1, "
+                                         "the official generate.py; the sample after the iteration of lowest loss "
+                                         "is kept)"),
     ("flowmo_timesteps", ints, "flowmo", "FlowMo: the model timesteps (0..999) whose step optimises the latent "
                                          "(default: the official 999,...,946 = Wan's first 12 of 50 UniPC steps)"),
     ("flowmo_checkpoint", yes, "flowmo", "FlowMo: activation checkpointing over blocks in its gradient passes "
@@ -284,10 +303,13 @@ class Guidance:
     pag_blocks / pag_scale: PAG's identity-attention blocks and scale s; seg_blocks / seg_scale / seg_sigma: SEG's
     blurred-query blocks, scale s and blur sigma (tokens; >= attention.SEG_INF: the mean); a perturbed cond pass
     each, combined as STG: v_u + g (v_c - v_u) + s (v_c - v_perturbed). fdg_scales: FDG's per-level scales (finest
-    first; replaces g). mag_alpha: MAMBO-G's alpha. ag_blocks: AutoGuidance's bad model skips these blocks on the
-    uncond pass: v = v_bad + g (v_c - v_bad) (() = plain CFG). cfgpp_scale: CFG++'s lambda in [0, 1] (replaces g);
-    Euler / DDIM only. TCFG uses g. flowmo_lr / flowmo_timesteps / flowmo_checkpoint: FlowMo's latent update (CFG
-    combine; the pipeline's `flowmo_update` hook). docs/methods.md gives each method's sources and choices.
+    first; replaces g); fdg_parallel_weights: its parallel-part weights (1 = off). mag_alpha: MAMBO-G's alpha.
+    ag_blocks: AutoGuidance's bad model skips these blocks on the uncond pass: v = v_bad + g (v_c - v_bad) (() =
+    plain CFG). ag_model: instead, the bad model is this guide DiT (a checkpoint path, or a name under which the
+    pipeline holds a loaded DiT: `Pipeline.guides`) of the same latent space, on the uncond row, unsteered
+    (pipeline.check_guide). cfgpp_scale: CFG++'s lambda in [0, 1] (replaces g); Euler / DDIM only. TCFG uses g.
+    flowmo_lr / flowmo_iterations / flowmo_timesteps / flowmo_checkpoint: FlowMo's latent update (CFG combine; the
+    pipeline's `flowmo_update` hook). docs/methods.md gives each method's sources and choices.
     capture: called as capture(block, h) with every block output of the base batch (massive-activation analysis).
     """
     method: str = "cfg"
@@ -310,10 +332,13 @@ class Guidance:
     seg_scale: float = 3.0
     seg_sigma: float = 9999999.0
     fdg_scales: tuple[float, ...] = (10.0, 5.0)
+    fdg_parallel_weights: tuple[float, ...] = (1.0,)
     mag_alpha: float = 8.0
     ag_blocks: tuple[int, ...] = (1,)
+    ag_model: str | None = None
     cfgpp_scale: float = 0.6
     flowmo_lr: float = 1e-3
+    flowmo_iterations: int = 1
     flowmo_timesteps: tuple[int, ...] = FLOWMO_TIMESTEPS
     flowmo_checkpoint: bool = False
     capture: Callable[[int, torch.Tensor], None] | None = field(default=None, compare=False)
@@ -340,8 +365,12 @@ class Guidance:
                      "apg_momentum", "pag_scale", "seg_scale", "mag_alpha", "cfgpp_scale", "flowmo_lr"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} = {getattr(self, name)} must be a finite number")
-        if not all(math.isfinite(w) for w in self.fdg_scales):
-            raise ValueError(f"fdg_scales = {self.fdg_scales} must be finite numbers")
+        if not all(math.isfinite(w) for w in self.fdg_scales + self.fdg_parallel_weights):
+            raise ValueError(f"fdg_scales = {self.fdg_scales}, fdg_parallel_weights = {self.fdg_parallel_weights} "
+                             "must be finite numbers")
+        if len(self.fdg_parallel_weights) not in (1, len(self.fdg_scales)):
+            raise ValueError(f"fdg_parallel_weights = {self.fdg_parallel_weights}: give one value or one per level "
+                             f"({len(self.fdg_scales)} fdg_scales)")
         if not 0 <= self.cfgpp_scale <= 1:
             raise ValueError(f"cfgpp_scale = {self.cfgpp_scale}: CFG++'s lambda must be in [0, 1] (about CFG 1..12.5 "
                              "per the CFG++ README)")
@@ -349,6 +378,8 @@ class Guidance:
             raise ValueError(f"seg_sigma = {self.seg_sigma} must be > 0 (tokens; >= 9999 means infinite: the mean)")
         if not self.fdg_scales:
             raise ValueError("fdg_scales needs one scale per pyramid level (e.g. 10,5)")
+        if self.flowmo_iterations < 1:
+            raise ValueError(f"flowmo_iterations = {self.flowmo_iterations} must be >= 1 (the official default is 1)")
         for name in ("pag_blocks", "seg_blocks"):
             if self.method == name[:3] and not getattr(self, name):
                 raise ValueError(f"method {self.method!r} needs {name} (the blocks to perturb)")
@@ -390,7 +421,7 @@ class Guidance:
         if self.method == "seg" and self.seg_scale != 0 and self.seg_blocks:
             p = replace(clean, blur_attn=frozenset(self.seg_blocks), blur_sigma=self.seg_sigma)
             return base, ((0, p),), ("perturbed",)
-        if self.method == "autoguidance" and self.ag_blocks:  # the bad model on the uncond row, as diffusers
+        if self.method == "autoguidance" and self.ag_blocks and self.ag_model is None:  # uncond row, as diffusers
             return base, ((1, replace(clean, skip=frozenset(self.ag_blocks))),), ("bad",)
         return base, (), ()
 
@@ -408,7 +439,7 @@ class Guidance:
         if self.method == "autoguidance" and "bad" in preds:
             return cfg(c, preds["bad"], g)
         if self.method == "fdg":
-            return fdg(c, u, self.fdg_scales)
+            return fdg(c, u, self.fdg_scales, self.fdg_parallel_weights)
         if self.method == "tcfg":
             return tcfg(c, u, g)
         if self.method == "mag":
@@ -432,9 +463,16 @@ class Guidance:
         return cfg(c, u, g)
 
     def passes_per_step(self) -> int:
-        """Model passes per step (a shared-prefix branch counts as one). FlowMo: on its optimised steps, 2 more
-        forwards with gradients (+ their backward, and with checkpointing their recomputation)."""
-        return 2 + len(self.passes(0)[1]) + (2 if self.method == "flowmo" else 0)
+        """Model passes per step: a shared-prefix branch counts as one, so does an AutoGuidance guide-model pass (of
+        the smaller DiT). FlowMo: on its optimised steps, 2 more forwards with gradients per iteration (+ their
+        backward, and with checkpointing their recomputation)."""
+        flowmo = 2 * self.flowmo_iterations if self.method == "flowmo" else 0
+        return 2 + len(self.passes(0)[1]) + (self.guide is not None) + flowmo
+
+    @property
+    def guide(self) -> str | None:
+        """The guide DiT this run's AutoGuidance needs (ag_model; one pass of it per step), or None."""
+        return self.ag_model if self.method == "autoguidance" else None
 
     def flowmo_active(self, t: int) -> bool:
         """Whether FlowMo updates the latent at model timestep t."""
@@ -459,6 +497,8 @@ def from_preset(preset, method: str = "cfg", stas: bool = False, **overrides) ->
         raise ValueError("; ".join(f"{flag(k)} belongs to " + ("STAS (add --stas)" if group[k] == "stas" else
                                                                f"method {group[k]!r}") for k in wrong) +
                          f"; this run's method is {method!r}" + (" with STAS" if stas else ""))
+    if "ag_blocks" in o and o.get("ag_model"):
+        raise ValueError("--ag-blocks and --ag-model each define AutoGuidance's bad model: give one of them")
     kw = dict(method=method, guidance_scale=o.pop("guidance_scale", preset.guidance_scale))
 
     def settings(name, required):  # the preset's dict for a method, overridden by `<name>_<field>` arguments
@@ -509,7 +549,8 @@ def defaults_table(presets: dict) -> str:
                  f"{Steer.__dataclass_fields__['tokens'].default}, rule {Steer.__dataclass_fields__['rule'].default} "
                  f"(scaling rule omega {Steer.__dataclass_fields__['omega'].default}). Comparators: PAG blocks "
                  f"{g.pag_blocks}, scale {g.pag_scale}; SEG blocks {g.seg_blocks}, scale {g.seg_scale}, sigma "
-                 f"{g.seg_sigma:g} (infinite); FDG scales {g.fdg_scales} (finest first); MAG alpha {g.mag_alpha}; "
-                 f"AutoGuidance skipped blocks {g.ag_blocks}; CFG++ lambda {g.cfgpp_scale}; FlowMo lr {g.flowmo_lr} at "
-                 f"timesteps {g.flowmo_timesteps}; TCFG and MAG use CFG g."]
+                 f"{g.seg_sigma:g} (infinite); FDG scales {g.fdg_scales} (finest first), parallel weights "
+                 f"{g.fdg_parallel_weights} (off); MAG alpha {g.mag_alpha}; AutoGuidance skipped blocks {g.ag_blocks}, "
+                 f"guide model {g.ag_model}; CFG++ lambda {g.cfgpp_scale}; FlowMo lr {g.flowmo_lr}, "
+                 f"{g.flowmo_iterations} iteration(s) at timesteps {g.flowmo_timesteps}; TCFG and MAG use CFG g."]
     return "\n".join(rows)

@@ -29,13 +29,13 @@ from tqdm.auto import tqdm
 
 from . import solvers
 from .checkpoints import CheckpointError, LazySafetensors, fingerprint, read_state_dict, shape_of, strip_prefix
-from .guidance import OPTIONS, Guidance, cfg, flowmo_loss, flowmo_step, from_preset, uses
+from .guidance import OPTIONS, Guidance, cfg, flowmo_loss, from_preset, uses
 from .text import (NEGATIVE_PROMPT, encode_text, load_text_encoder, load_tokenizer, prompt_tokens as count_tokens,
                    tiny_umt5_config, umt5_xxl_config)
 from .cogvideox import PRESETS as COG_PRESETS, latent_frames as cog_latent_frames, load_cogvideox, open_cogvideox
 from .cogvideox_vae import load_cogvideox_vae
 from .text import encode_t5, load_t5_encoder, tiny_t5_config
-from .wan import PRESETS, WanModel, find_experts, find_transformer, load_wan, native_config, open_wan
+from .wan import PRESETS, WanConfig, WanModel, find_experts, find_transformer, load_wan, native_config, open_wan
 from .video import umask
 from .wan_vae import WanVAE, WanVAE22, load_wan_vae, open_wan_vae
 
@@ -474,6 +474,7 @@ class Pipeline:
             raise ValueError(f"preset {preset!r} needs the DiTs {self.names}; no model or loader for {missing}")
         self.current = None if model is None else self.names[0]
         self.loads, self.expert_steps = [], []
+        self.guides = {}  # AutoGuidance guide DiTs by Guidance.ag_model (`guide_model`)
 
     @property
     def model(self) -> WanModel:
@@ -499,6 +500,17 @@ class Pipeline:
             self.loads.append(name)
         self.current = name
         return self.resident[name]
+
+    def guide_model(self, name: str) -> WanModel:
+        """The AutoGuidance guide DiT called `name` (Guidance.ag_model): one put in `guides` under that name, or the
+        checkpoint at that path, loaded once in the DiT's dtype and device (kept for later runs). Either is refused
+        unless it shares the model's latent space (`check_guide`)."""
+        if name not in self.guides:
+            check_guide(name, self.preset)
+            self.guides[name] = load_wan(name, dtype=patch_weight(self.model).dtype, device=self.device)[0]
+            self.info.setdefault("guide_files", []).extend(str(f.resolve()) for f in find_transformer(name))
+        check_guide(self.guides[name], self.preset)
+        return self.guides[name]
 
     @classmethod
     def load(cls, path, preset: str | None = None, vae=None, text_encoder=None, tokenizer=None,
@@ -589,9 +601,11 @@ class Pipeline:
                 g = replace(g, guidance_scale=solvers.dynamic_cfg_scale(g.guidance_scale, int(t), dynamic_steps))
             perturb, branches, names = g.passes(i)
             xin = x if concat is None else torch.cat([x, concat.to(x)], dim=1)  # (1, C + C', F, H, W)
-            v = model(xin.expand(2, *xin.shape[1:]), self.timesteps(t, x.shape, first_frame), context, perturb,
-                      branches)  # (2 + branches, C, F, H, W)
+            tt = self.timesteps(t, x.shape, first_frame)
+            v = model(xin.expand(2, *xin.shape[1:]), tt, context, perturb, branches)  # (2 + branches, C, F, H, W)
             preds = dict(zip(("cond", "uncond", *names), v[:, None].unbind(0)))
+            if g.guide is not None:  # AutoGuidance's bad model is the guide DiT, on the uncond row, unsteered
+                preds["bad"] = self.guide_model(g.guide)(xin, tt[1:], context[1:])  # (1, C, F, H, W)
             return g.combine(preds, x, sigma, i, state, levels=levels[i] if i < len(levels) else None)
 
         return denoise
@@ -600,11 +614,14 @@ class Pipeline:
                       first_frame: bool = False, concat: torch.Tensor | None = None,
                       dynamic_steps: int | None = None):
         """FlowMo's latent update, the solver's `update(x, sigma) -> x` hook (solvers module docstring), or None when
-        no Guidance of the run is FlowMo. At a step whose model timestep is in flowmo_timesteps, the [cond, uncond]
-        passes at x are run again with gradients (the step's Perturb, so STAS composes; blocks checkpointed with
-        flowmo_checkpoint), the FlowMo loss of their CFG combine is differentiated w.r.t. x, and x moves by one Adam
-        step (guidance.flowmo_step). The step then uses the prediction `denoise` made at the old x (official order).
-        Arguments as `denoiser`."""
+        no Guidance of the run is FlowMo. At a step whose model timestep is in flowmo_timesteps, a fresh Adam (torch
+        defaults, lr flowmo_lr) runs flowmo_iterations iterations on a copy of x: each runs the [cond, uncond] passes
+        with gradients (the step's Perturb, so STAS composes; blocks checkpointed with flowmo_checkpoint),
+        differentiates the FlowMo loss of their CFG combine w.r.t. x and steps (an iteration without a gradient does
+        not). Returned: the sample after the step of the iteration whose loss (measured before its step) was lowest,
+        x if no step was taken — the official `optimize_noise_prediction` and its `best_sample`; with the default 1
+        iteration, the updated sample. The solver then steps with the prediction `denoise` made at the old x
+        (official order). Arguments as `denoiser`."""
         if not any(g.method == "flowmo" for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values())):
             return None
         step = {s: i for i, s in enumerate(sigmas.tolist())}
@@ -618,13 +635,22 @@ class Pipeline:
             scale = g.guidance_scale if dynamic_steps is None else \
                 solvers.dynamic_cfg_scale(g.guidance_scale, int(t), dynamic_steps)
             perturb = replace(g.passes(step[sigma])[0], capture=None, checkpoint=g.flowmo_checkpoint)
+            model, tt = self.use_expert(name), self.timesteps(t, x.shape, first_frame)
+            best, lowest = x, math.inf
             with torch.enable_grad():
-                xg = x.detach().requires_grad_(True)
-                xin = xg if concat is None else torch.cat([xg, concat.to(x)], dim=1)
-                v = self.use_expert(name)(xin.expand(2, *xin.shape[1:]), self.timesteps(t, x.shape, first_frame),
-                                          context, perturb)  # (2, C, F, H, W) with gradients
-                grad, = torch.autograd.grad(flowmo_loss(cfg(v[:1], v[1:], scale)).sum(), xg)
-            return flowmo_step(x, grad, g.flowmo_lr)
+                xg = x.detach().clone().requires_grad_(True)
+                adam = torch.optim.Adam([xg], lr=g.flowmo_lr)
+                for _ in range(g.flowmo_iterations):
+                    xin = xg if concat is None else torch.cat([xg, concat.to(x)], dim=1)
+                    v = model(xin.expand(2, *xin.shape[1:]), tt, context, perturb)  # (2, C, F, H, W), with gradients
+                    loss = flowmo_loss(cfg(v[:1], v[1:], scale)).sum()
+                    xg.grad, = torch.autograd.grad(loss, xg)
+                    if not xg.grad.any():
+                        continue
+                    adam.step()
+                    if loss.item() < lowest:
+                        best, lowest = xg.detach().clone(), loss.item()
+            return best
 
         return update
 
@@ -664,6 +690,8 @@ class Pipeline:
         for g in ([guidance] if isinstance(guidance, Guidance) else guidance.values()):
             g.check(run.steps, c.num_layers, c.dim, run.solver)
             fam.check_guidance(g)
+            if g.guide is not None:
+                self.guide_model(g.guide)  # loaded and checked before the first step
             if g.method == "flowmo" and not patch_weight(self.model).is_floating_point():
                 raise ValueError(f"FlowMo needs gradients through the DiT; its {patch_weight(self.model).dtype} weights "
                                  "have none: load the DiT in float32 or bfloat16")
@@ -811,7 +839,45 @@ def guidance_for(preset, method: str = "cfg", stas: bool = False, steer: tuple[s
     MA channels and block given; from_preset's ValueError then points to samplers/analyze.py."""
     scale = overrides.get("guidance_scale")
     g = from_preset(preset, method, stas=stas, **overrides)
+    if g.guide is not None:  # headers only: a guide of another latent space is refused before anything is loaded
+        check_guide(g.guide, preset)
     return guidance_per_expert(preset, g, scale, steer)
+
+
+def check_guide(guide, preset) -> None:
+    """Refuse an AutoGuidance guide model (Guidance.ag_model) that does not predict in the latent space of `preset`
+    (a wan.Preset or cogvideox preset): it must be a Wan DiT with the same latent channels in and out, patch size and
+    text width, e.g. Wan2.1-1.3B guiding Wan2.1-14B or a Wan2.2 A14B expert. guide: a checkpoint path (keys and
+    shapes only, so it is cheap enough to call before any loading) or a loaded DiT. Raises CheckpointError (no DiT
+    there) or ValueError naming both latent spaces."""
+    c = preset.config
+    if not isinstance(c, WanConfig):
+        raise ValueError("AutoGuidance with a guide model (--ag-model) is defined for Wan models only: CogVideoX-2B, "
+                         "-5B and 1.5 differ in noise schedule and latent scaling (2B vs 5B) or temporal patch "
+                         "(5B vs 1.5), so none can guide another; use --ag-blocks")
+    if isinstance(guide, torch.nn.Module):
+        g = guide.config
+        have = (g.in_dim, g.out_dim, tuple(g.patch_size), g.text_dim) if isinstance(g, WanConfig) else None
+    else:
+        if not Path(guide).exists():
+            raise CheckpointError(f"--ag-model {guide}: no such checkpoint file or folder (a guide DiT of the same "
+                                  "latent space, e.g. Wan2.1-1.3B's folder for Wan2.1-14B)")
+        keys = LazySafetensors(find_transformer(guide)).keys()
+        check_kind(keys, guide, "DiT", "--ag-model")
+        have = None
+        if not any(k.endswith("patch_embed.proj.weight") for k in keys):  # else a CogVideoX DiT
+            sd = open_wan(guide, required=False)[0]
+            _, in_dim, *patch = shape_of(sd, "patch_embedding.weight")  # (dim, in_dim, pt, ph, pw)
+            out_dim = shape_of(sd, "head.head.weight")[0] // math.prod(patch)  # (prod(patch) out_dim, dim)
+            have = (in_dim, out_dim, tuple(patch), shape_of(sd, "text_embedding.0.weight")[1])
+    want = (c.in_dim, c.out_dim, tuple(c.patch_size), c.text_dim)
+    if have != want:
+        what = "a CogVideoX DiT" if have is None else \
+            "a Wan DiT with (in channels, out channels, patch, text width) = " + str(have)
+        raise ValueError(f"AutoGuidance guide model {guide if isinstance(guide, (str, Path)) else 'given'} is {what}; "
+                         f"this model needs a guide of its own latent space, {want}: a Wan DiT of the same VAE, e.g. "
+                         "Wan2.1-1.3B for Wan2.1-14B (Wan2.2-TI2V-5B's 48-channel latents and CogVideoX's are other "
+                         "spaces)")
 
 
 def check_vae(found: dict, preset: str) -> None:
@@ -896,9 +962,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".model", ".json")
 
 
 def weight_files(info: dict) -> dict:
-    """{path: checkpoints.fingerprint} of every file the run read weights or vocabulary from: the DiT files, the
-    VAE, the text encoder and the tokenizer (a folder: its files with a weight / tokenizer suffix)."""
-    paths = [Path(f) for f in info.get("dit_files", [])]
+    """{path: checkpoints.fingerprint} of every file the run read weights or vocabulary from: the DiT files (and
+    AutoGuidance guide DiTs loaded from files), the VAE, the text encoder and the tokenizer (a folder: its files with
+    a weight / tokenizer suffix)."""
+    paths = [Path(f) for f in info.get("dit_files", []) + info.get("guide_files", [])]
     for k in ("vae", "text_encoder", "tokenizer"):
         if k in info:
             p = Path(info[k])

@@ -14,9 +14,9 @@ without ":" may list several bare methods with commas (the --methods form: 'cfg,
 
 Each run gets a label, the method then every parameter as written, "_"-joined, list commas as "-":
 'cfg+stas:alpha=1|2,p=8' -> 'cfg+stas_alpha=1_p=8', 'cfg+stas_alpha=2_p=8'. Labels name files, grid captions and
-table rows; `filename(label)` writes '*' as 'star'. Errors (ValueError, raised before any model is loaded): unknown
-method or parameter, a value of the wrong type, a parameter of another method (named), an ambiguous short name,
-duplicate labels.
+table rows; `filename(label)` writes '*' as 'star', '/' as '_'. Errors (ValueError, raised before any model is
+loaded): unknown method or parameter, a value of the wrong type, a parameter of another method (named), an ambiguous
+short name, duplicate labels.
 """
 from __future__ import annotations
 
@@ -126,5 +126,6 @@ def parse_specs(texts: str | list[str]) -> list[Spec]:
 
 
 def filename(label: str) -> str:
-    """A run label as a file stem: 'cfg-zero*' -> 'cfg-zerostar' (labels hold no '/' or spaces)."""
-    return label.replace("*", "star")
+    """A run label as a file stem: 'cfg-zero*' -> 'cfg-zerostar'; a '/' (a path value: autoguidance:ag_model=PATH) ->
+    '_'."""
+    return label.replace("*", "star").replace("/", "_")
