@@ -62,12 +62,13 @@ Cache = dict  # {module: tensor of its last input frames}; one per encode / deco
 
 
 class CausalConv3d(nn.Conv3d):
-    """3D conv padded causally in time: 2p zero frames in front, none behind (official `CausalConv3d`)."""
+    """3D conv padded causally in time: 2p zero frames in front, none behind (official `CausalConv3d`). The spatial
+    zero padding is the convolution's own (no padded copy of the input; the official code pads with F.pad)."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0):
-        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=0)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
-        self.time_pad, self.space_pad = 2 * pt, (pw, pw, ph, ph)
+        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, ph, pw))
+        self.time_pad = 2 * pt
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """x (B, C, T, H, W) -> (B, C', T', H', W'); with `cache`, cached frames replace the zero padding."""
@@ -78,7 +79,8 @@ class CausalConv3d(nn.Conv3d):
                 x = torch.cat([prev, x], dim=2)
                 time_pad -= prev.shape[2]
             cache[self] = x[:, :, -CACHE_T:].clone()  # history for the next call (input frames, pre-conv)
-        x = F.pad(x, (*self.space_pad, time_pad, 0))
+        if time_pad:
+            x = F.pad(x, (0, 0, 0, 0, time_pad, 0))
         return super().forward(x)
 
 
