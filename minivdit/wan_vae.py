@@ -94,7 +94,7 @@ class RMS_norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, ...) -> same shape; an L2 normalize (eps 1e-12), not an RMS with eps."""
-        return F.normalize(x.float(), dim=1).type_as(x) * self.scale * self.gamma
+        return F.normalize(x.float(), dim=1).type_as(x) * (self.scale * self.gamma)  # one multiply pass, not two
 
 
 class ResidualBlock(nn.Module):
