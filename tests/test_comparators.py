@@ -482,30 +482,38 @@ def test_flowmo_loss_and_its_gradient_are_the_official_formula():
     assert abs(fd - (grad * d).sum()) <= 1e-6 * abs(fd)
 
 
-def flowmo_official(passes, x, lr, iterations, g=5.0):
+def flowmo_official(passes, x, lr, iterations, g=5.0, written=True):
     """Official `optimize_noise_prediction` written out: a fresh Adam (torch defaults: betas 0.9, 0.999, eps 1e-8)
     on a copy of x; each iteration: the loss of the CFG velocity through both passes at the current sample, its
     gradient, the Adam step; returned: the sample after the step of the iteration whose loss was lowest (strictly
     lower than every earlier one: `best_sample`), the losses, the smallest relative gap between the largest and
     the second largest patch variance (the max is not differentiable at a tie: there float32 rounding picks the
     patch, and so the gradient) and per entry the smallest |gradient| (near Adam's eps, 1e-8, the step
-    g / (|g| + eps) follows the rounding of g)."""
-    m, s, xk = torch.zeros_like(x), torch.zeros_like(x), x.clone()
+    g / (|g| + eps) follows the rounding of g). written=False: the same loop with minivdit's CFG combine and loss (each
+    checked against its formula elsewhere) and torch's Adam (the official optimizer), so that both sides do the same
+    float32 arithmetic: several large steps amplify any rounding difference (a chaotic map), and only the iteration,
+    fresh-Adam and selection logic is then under test."""
+    xk = x.clone().requires_grad_(True)
+    m, s, adam = torch.zeros_like(x), torch.zeros_like(x), torch.optim.Adam([xk], lr=lr)
     best, lowest, losses, gap, small = x.clone(), math.inf, [], math.inf, torch.full_like(x, math.inf)
     for k in range(1, iterations + 1):
-        xg = xk.clone().requires_grad_(True)
-        vc, vu = passes(xg)
-        loss = flowmo_loss_written(vu + g * (vc - vu)).sum()
+        vc, vu = passes(xk)
+        loss = (flowmo_loss_written(vu + g * (vc - vu)) if written else G.flowmo_loss(G.cfg(vc, vu, g))).sum()
         v = (vu + g * (vc - vu)).detach()
         top = (v[:, :, 1:] - v[:, :, :-1]).abs().var(2, unbiased=False).mean(1).flatten().topk(2).values
         gap = min(gap, ((top[0] - top[1]) / top[0]).item())
-        grad, = torch.autograd.grad(loss, xg)
+        grad, = torch.autograd.grad(loss, xk)
         small = torch.minimum(small, grad.abs())
-        m, s = 0.9 * m + 0.1 * grad, 0.999 * s + 0.001 * grad**2
-        xk = xk - lr / (1 - 0.9**k) * m / ((s / (1 - 0.999**k)).sqrt() + 1e-8)  # Adam with bias corrections
+        with torch.no_grad():
+            if written:  # Adam with bias corrections
+                m, s = 0.9 * m + 0.1 * grad, 0.999 * s + 0.001 * grad**2
+                xk -= lr / (1 - 0.9**k) * m / ((s / (1 - 0.999**k)).sqrt() + 1e-8)
+            else:
+                xk.grad = grad
+                adam.step()
         losses.append(loss.item())
         if loss.item() < lowest:
-            best, lowest = xk, loss.item()
+            best, lowest = xk.detach().clone(), loss.item()
     return best, losses, gap, small
 
 
@@ -515,8 +523,9 @@ def test_flowmo_update_through_the_dit_is_the_official_update(family, lr, iterat
     i = 1
     t = pipe.family.timestep(grid[i].item())
     tt = pipe.timesteps(t, x.shape, False)
+    written = lr < 0.1  # lr 0.3 over 4 iterations: both sides with the same arithmetic (flowmo_official's docstring)
     ref, losses, gap, small = flowmo_official(lambda xg: pipe.model(xg.expand(2, *x.shape[1:]), tt, context)[:, None],
-                                              x, lr, iterations)
+                                              x, lr, iterations, written=written)
     assert gap > 1e-4, "a near tie of the max patch: rounding picks the gradient; change the fixture's seed"
     clear = small > 1e-7  # 10 eps: where the step does not hang on the rounding of g (most entries)
     assert clear.float().mean() > 0.9
@@ -525,8 +534,9 @@ def test_flowmo_update_through_the_dit_is_the_official_update(family, lr, iterat
                      flowmo_checkpoint=checkpoint)
         with torch.no_grad():  # as the sampling loop runs it
             ours = pipe.flowmo_update(context, g, grid)(x, grid[i].item())
-        # 1 % of lr per iteration: an entry near eps steps by the rounding of g, which later gradients see
-        assert ((ours - ref).abs() * clear).max() <= 1e-2 * lr * iterations
+        # written out: 1 % of lr per iteration (an entry near eps steps by the rounding of g, which later gradients
+        # see); the same arithmetic: float32 round-off of the passes only
+        assert ((ours - ref).abs() * clear).max() <= (1e-2 * lr * iterations if written else 1e-5)
     if iterations == 2:  # the second iteration moved the sample again, by about lr
         one = pipe.flowmo_update(context, replace(g, flowmo_iterations=1), grid)(x, grid[i].item())
         assert (ours - one).abs().max() > 0.5 * lr
