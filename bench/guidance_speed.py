@@ -4,7 +4,10 @@ MAG, AutoGuidance, CFG++, FlowMo with and without activation checkpointing) on t
     nohup python bench/guidance_speed.py > outputs/guidance_speed.txt 2>&1 &        # bfloat16, as asked
     nohup python bench/guidance_speed.py --dtype float32 --reps 1 --warmup 0 > outputs/guidance_speed.txt 2>&1 &
     python bench/guidance_speed.py --preset wan2.1-tiny --frames 3 --height 16 --width 16 --reps 1   # smoke run
-    python bench/guidance_speed.py --dtype float32 --layers 2 --reps 2 --warmup 0 --no-diffusers --memory  # issue 15
+    python bench/guidance_speed.py --reps 2                         # issue 15's table: 30 blocks, bf16 (~45 min)
+    python bench/guidance_speed.py --memory                         # FlowMo's peak memory at 30 blocks (~5 min)
+    python bench/guidance_speed.py --preset cogvideox-5b --frames 3 --height 30 --width 44 \
+        --methods cfg,cfg+stas,cfg+dg,cfg+stg-R,cfg+stg-A --reps 2  # CogVideoX-5B, 42 blocks, 990 + 226 tokens
 
 On a CPU without native bfloat16 matmuls (AVX2 only: no AVX512-BF16 / AMX) a bfloat16 GEMM runs ~7x slower than
 float32 (measured here: 3 vs 21 GFLOP/s per thread), so one bfloat16 forward of 1,600 tokens takes tens of minutes
@@ -12,9 +15,12 @@ and --dtype float32 is the practical choice; the ratios between methods are what
 
 The real Wan2.1-T2V-1.3B architecture (PRESETS["wan2.1-t2v-1.3b"].config) with seeded random weights in bfloat16
 (no checkpoint needed), a latent (1, 16, F, H, W) of F * H/2 * W/2 tokens (default 5 * 16 * 20 = 1,600) and a
-context (2, 512, 4096). Each method is timed through the pipeline's own denoiser (WanPipeline.denoiser): one batched
-model call of the [cond, uncond] rows plus the method's branch passes, then the guidance combine; the median of
---reps calls after --warmup calls, at step 0 (inside STAS's first K steps). Guidance settings: the preset's.
+context (2, 512, 4096). --preset cogvideox-5b (STAS Table A3's preset, joint [226 text | video] attention) times
+the methods CogVideoX defines (cfg, cfg+stas, cfg+dg, cfg+stg-R, cfg+stg-A, PAG, SEG, ...; pick a latent such as
+--frames 3 --height 30 --width 44 = 990 video tokens) at step 0 of its 50-step trailing grid (t = 999); its forward
+against diffusers is bench/speed.py's. Each method is timed through the pipeline's own denoiser (Pipeline.denoiser):
+one batched model call of the [cond, uncond] rows plus the method's branch passes, then the guidance combine; the
+median of --reps calls after --warmup calls, at step 0 (inside STAS's first K steps). Guidance settings: the preset's.
 
 What is compared. A branch pass that forks at a block runs only the blocks from its branch point on, on one row,
 while CFG runs all N blocks on two rows. With b = the number of blocks the branch runs (DG at m = 9, 0-based: the
@@ -26,7 +32,7 @@ cost over CFG is b / N of one forward, i.e. a ratio to CFG of 1 + (b / N) / 2. T
 plain [cond, uncond] forward (ours / diffusers).
 
 FlowMo is timed as its optimised step (step 0, t = 999, an official FlowMo timestep): the denoise call plus the
-solver's update hook (Pipeline.flowmo_update: two forwards with gradients and their backward). --memory also prints
+solver's update hook (Pipeline.flowmo_update: two forwards with gradients and their backward). --memory instead prints
 FlowMo's peak resident memory above the resident model for one update, without and with activation checkpointing
 over blocks (Linux: /proc/self/clear_refs resets the peak, VmHWM reads it; each in a fresh process, so allocator
 caches of one run do not hide the other's).
@@ -43,9 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
+from minivdit import solvers  # noqa: E402
+from minivdit.cogvideox import PRESETS as COG_PRESETS, CogVideoXModel  # noqa: E402
 from minivdit.guidance import from_preset  # noqa: E402
 from minivdit.interventions import branch_point  # noqa: E402
-from minivdit.pipeline import SOLVERS, WanPipeline  # noqa: E402
+from minivdit.pipeline import SOLVERS, Pipeline  # noqa: E402
 from minivdit.wan import PRESETS, WanModel, from_diffusers  # noqa: E402
 
 METHODS = {  # label -> (method, stas, Guidance overrides)
@@ -149,7 +157,8 @@ def diffusers_reference(model: WanModel, dtype: torch.dtype):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="wan2.1-t2v-1.3b", choices=list(PRESETS))
+    p.add_argument("--preset", default="wan2.1-t2v-1.3b", choices=[*PRESETS, *COG_PRESETS],
+                   help="a Wan or CogVideoX preset (CogVideoX: no diffusers forward here, see bench/speed.py)")
     p.add_argument("--frames", type=int, default=5, help="latent frames F")
     p.add_argument("--height", type=int, default=32, help="latent height (pixels / 8); tokens = F * H/2 * W/2")
     p.add_argument("--width", type=int, default=40, help="latent width (pixels / 8)")
@@ -161,7 +170,8 @@ def parse(argv=None):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma subset of {', '.join(METHODS)}")
     p.add_argument("--layers", type=int, default=None, help="blocks to build (default: the preset's); a per-block "
                                                              "ratio at real width for models too big for this machine")
-    p.add_argument("--memory", action="store_true", help="also FlowMo's peak memory with / without checkpointing")
+    p.add_argument("--memory", action="store_true", help="instead of timing: FlowMo's peak memory with / without "
+                                                              "checkpointing (each in a fresh process)")
     return p.parse_args(argv)
 
 
@@ -169,19 +179,28 @@ def setup(args, labels):
     """Build the model and {label: fn() running one step of the method} (+ 'forward'); returns (fns, guidances, c)."""
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    preset = PRESETS[args.preset]
+    cog = args.preset in COG_PRESETS
+    preset = (COG_PRESETS if cog else PRESETS)[args.preset]
     c = preset.config if args.layers is None else replace(preset.config, num_layers=args.layers)
 
     torch.manual_seed(0)
-    keep = lambda name: any(s in name for s in WanModel.keep_fp32)  # what load_wan keeps float32
-    model = cast(build(lambda: WanModel(c), dtype), dtype, keep)
-    pipe = WanPipeline(model, None, None, None, args.preset, {})  # the denoiser needs only the DiT
+    if cog:  # CogVideoX loads every tensor in the load dtype (cogvideox.load_cogvideox)
+        model = cast(build(lambda: CogVideoXModel(c), dtype), dtype, lambda name: False)
+        in_dim, text = c.in_channels, (c.max_text_seq_length, c.text_embed_dim)
+        args.no_diffusers = True
+    else:
+        keep = lambda name: any(s in name for s in WanModel.keep_fp32)  # what load_wan keeps float32
+        model = cast(build(lambda: WanModel(c), dtype), dtype, keep)
+        in_dim, text = c.in_dim, (c.text_len, c.text_dim)
+    pipe = Pipeline(model, None, None, None, args.preset, {})  # the denoiser needs only the DiT
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, c.in_dim, args.frames, args.height, args.width, generator=g)  # (1, C, F, H, W)
-    context = torch.randn(2, c.text_len, c.text_dim, generator=g)  # (2, 512, text_dim): [cond, uncond]
-    sigmas = SOLVERS["unipc"][1](preset.steps, preset.shift)
+    x = torch.randn(1, in_dim, args.frames, args.height, args.width, generator=g)  # (1, C, F, H, W)
+    context = torch.randn(2, *text, generator=g)  # (2, text_len, text_dim): [cond, uncond]
+    # the preset's own grid (Wan: official UniPC sigmas, step 0 = t 999; CogVideoX: trailing timesteps, 999 first)
+    sigmas = solvers.cogvideox_timesteps(preset.steps) if cog else SOLVERS["unipc"][1](preset.steps, preset.shift)
     tokens = model.layout(x.shape).num_tokens
-    print(f"{args.preset}: {c.num_layers} blocks, dim {c.dim}, {args.dtype}; latent {tuple(x.shape)} = {tokens} "
+    dim = c.num_attention_heads * c.attention_head_dim if cog else c.dim
+    print(f"{args.preset}: {c.num_layers} blocks, dim {dim}, {args.dtype}; latent {tuple(x.shape)} = {tokens} "
           f"tokens; context {tuple(context.shape)}; {torch.get_num_threads()} threads; median of {args.reps} after "
           f"{args.warmup} warm-up", flush=True)
 
@@ -210,6 +229,20 @@ def setup(args, labels):
 
 def main(argv=None):
     args = parse(argv)
+    if args.memory:  # FlowMo's peak memory, each setting in a fresh process (this one holds no model meanwhile)
+        ctx = multiprocessing.get_context("spawn")
+        argv = [*(argv if argv is not None else sys.argv[1:]), "--no-diffusers"]
+        print("| FlowMo step | peak RSS above the resident model (MiB) |\n|---|---|")
+        for label in ("flowmo", "flowmo+ckpt"):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=flowmo_memory, args=(label, argv, queue))
+            proc.start()
+            proc.join()
+            if proc.exitcode != 0:
+                sys.exit(f"{label}: the measuring process died (exit code {proc.exitcode}; out of memory?)")
+            mib = queue.get()
+            print(f"| {label} | {mib:.0f} |", flush=True)
+        return None
     fns, guidances, c = setup(args, args.methods.split(","))
     times = median_seconds(fns, args.reps, args.warmup)
     rows = [(label, g.passes_per_step(), *times[label], branch_blocks(g, c.num_layers))
@@ -227,17 +260,6 @@ def main(argv=None):
         ref_s = times["diffusers"][0]
         line += f", diffusers {ref_s:.2f} s, ours / diffusers = {ours / ref_s:.3f}"
     print(line)
-    if args.memory:  # FlowMo's peak memory, each setting in a fresh process
-        ctx = multiprocessing.get_context("spawn")
-        argv = [*(argv if argv is not None else sys.argv[1:]), "--no-diffusers"]
-        print("\n| FlowMo step | peak RSS above the resident model (MiB) |\n|---|---|")
-        for label in ("flowmo", "flowmo+ckpt"):
-            queue = ctx.Queue()
-            proc = ctx.Process(target=flowmo_memory, args=(label, argv, queue))
-            proc.start()
-            mib = queue.get()
-            proc.join()
-            print(f"| {label} | {mib:.0f} |", flush=True)
     return rows, times
 
 

@@ -1,6 +1,7 @@
 """CogVideoX in the one sampling loop: whole 3-step CFG loops against diffusers' CogVideoXPipeline (DDIM on a
 2B-style tiny, DPM with a seeded generator on a 5B-style tiny, with and without dynamic CFG), STAS / DG / STG through
 the loop, the seeded noise draw, the tiny CogVideoX checkpoint end to end through samplers/sample.py, and bad input."""
+import gc
 import json
 import math
 
@@ -11,12 +12,14 @@ import torch
 from diffusers import (CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
                        CogVideoXTransformer3DModel)
 
-from minivdit.cogvideox import PRESETS, CogVideoXModel, load_cogvideox
+from minivdit.cogvideox import PRESETS, CogVideoXModel, diffusers_config, load_cogvideox
 from minivdit.guidance import Guidance, from_preset
 from minivdit.interventions import Steer, Zero
 from minivdit.pipeline import (COGVIDEOX, Pipeline, SampleConfig, find_checkpoint, detect_preset,
                                tiny_cogvideox_checkpoint)
 from samplers import sample
+
+from test_cogvideox import reference  # noqa: E402 (tests/ is on sys.path under pytest)
 
 # diffusers constructor arguments written out here (as tests/test_cogvideox.py), not taken from minivdit
 BASE = dict(num_attention_heads=4, attention_head_dim=16, time_embed_dim=32, text_embed_dim=32, in_channels=16,
@@ -236,3 +239,56 @@ def test_dynamic_scale_is_the_pipeline_formula():
     from minivdit.solvers import dynamic_cfg_scale
     for t in (999, 666, 333):
         assert dynamic_cfg_scale(6.0, t, 3) == 1 + 6.0 * ((1 - math.cos(math.pi * ((3 - t) / 3) ** 5.0)) / 2)
+
+
+# --- the real CogVideoX-5B configuration (slow) ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_5b_forward_and_2_step_loop_bf16(tmp_path):
+    """The real CogVideoX-5B (42 blocks, 48 heads x 64, RoPE; random weights, diffusers' own init) written by diffusers
+    in the official HF layout, in bf16 as the 5B repo stores it: the DiT forward and a 2-step CFG DPM loop (seeded
+    SDE noise) against diffusers. A float32 copy is 22 GB, so two do not fit this 24 GB machine and bf16 is what the
+    reference demo runs: the reference runs first, is written and freed, then minivdit loads the written folder (one
+    model resident at a time). diffusers' pipeline keeps its latent in the embeddings' dtype; minivdit keeps it in
+    float32 and casts at the DiT, returning float32: hooks on the reference's transformer do the same, so the loop
+    compares the model and solver, not the latent's storage dtype."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        ref = CogVideoXTransformer3DModel(**diffusers_config(PRESETS["cogvideox-5b"].config)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    g = torch.Generator().manual_seed(1)
+    context = torch.randn(2, 226, 4096, generator=g)
+    latents = torch.randn(1, 16, 3, 8, 12, generator=g)  # 9 frames 64 x 96: 3 x 4 x 6 = 72 video tokens
+    t = torch.tensor([700, 700])
+    want_v = reference(ref, latents.expand(2, -1, -1, -1, -1).transpose(1, 2).bfloat16(), t, context.bfloat16())
+    ref.register_forward_pre_hook(lambda m, args, kw: (args, {k: v.bfloat16() if torch.is_tensor(v) and
+                                  v.is_floating_point() else v for k, v in kw.items()}), with_kwargs=True)
+    ref.register_forward_hook(lambda m, args, out: (out[0].float(), *out[1:]))
+    dpipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=ref,
+                              scheduler=CogVideoXDPMScheduler(**SCHED, snr_shift_scale=1.0))
+    dpipe.set_progress_bar_config(disable=True)
+    want = dpipe(prompt_embeds=context[:1], negative_prompt_embeds=context[1:], height=64, width=96, num_frames=9,
+                 num_inference_steps=2, guidance_scale=6.0, use_dynamic_cfg=True,
+                 latents=latents.permute(0, 2, 1, 3, 4).clone(), generator=torch.Generator().manual_seed(5),
+                 output_type="latent", return_dict=False)[0].permute(0, 2, 1, 3, 4)
+    ref.save_pretrained(tmp_path / "transformer")
+    del ref, dpipe
+    gc.collect()
+    model, preset, layout = load_cogvideox(tmp_path, dtype=torch.bfloat16)
+    assert (preset, layout) == ("cogvideox-5b", "diffusers") and len(model.transformer_blocks) == 42
+    with torch.no_grad():
+        got_v = model(latents.expand(2, -1, -1, -1, -1), t, context).transpose(1, 2)
+    err = rel_err(got_v, want_v.float())
+    print(f"real CogVideoX-5B bf16 forward: max|diff|/max|ref| = {err:.2e}")
+    assert err <= 1e-3  # as the tiny bf16 test (tests/test_cogvideox.py): diffusers' precision op for op
+    pipe = Pipeline(model, None, None, None, preset, {})
+    run = SampleConfig.from_preset(pipe.preset, "unused", frames=9, height=64, width=96, steps=2, dynamic_cfg=True)
+    got = pipe.sample(run, Guidance(guidance_scale=6.0), context=context, x=latents.clone(),
+                      generator=torch.Generator().manual_seed(5), progress=False)
+    err = rel_err(got, want)
+    print(f"real CogVideoX-5B bf16, 2-step dynamic-CFG DPM loop: max|diff|/max|ref| = {err:.2e}")
+    assert run.solver == "dpm" and err <= 1e-3
