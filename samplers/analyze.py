@@ -10,6 +10,7 @@ they are summed over ranks with all_reduce before rank 0 writes the report (MASt
 or a count, so N ranks give the one-process report up to float64 summation order).
 """
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from dataclasses import replace  # noqa: E402
 from minivdit import distributed  # noqa: E402
 from minivdit.analysis import MAStats, write_plots  # noqa: E402
 from minivdit.guidance import Guidance  # noqa: E402
-from minivdit.pipeline import (SampleConfig, WanPipeline, detect_preset, family_of, find_checkpoint,  # noqa: E402
-                               tiny_checkpoint)
+from minivdit.pipeline import (SampleConfig, WanPipeline, detect_preset, encode_with, family_of,  # noqa: E402
+                               find_checkpoint, load_text, tiny_checkpoint)
 from minivdit.report import write_report  # noqa: E402
 from minivdit.text import read_prompts  # noqa: E402
 from minivdit.video import write_json  # noqa: E402
@@ -67,7 +68,8 @@ def main(argv=None):
         raise FileExistsError(f"{out / 'report.json'} already exists; choose another --out or pass --overwrite")
 
     ckpt = args.ckpt or tiny_checkpoint()
-    preset = detect_preset(find_checkpoint(ckpt))  # every check below runs on the headers, before the load
+    found = find_checkpoint(ckpt)
+    preset = detect_preset(found)  # every check below runs on the headers, before the load
     family = family_of(preset)
     d, c = family.presets[preset], family.presets[preset].config
     pick = lambda v, default: default if v is None else v
@@ -88,21 +90,30 @@ def main(argv=None):
             raise ValueError(f"block {block} (--a1 / --plot-block) is not recorded; recorded blocks: {blocks}")
     device = distributed.init(check_device(args.device))
     rank, world = distributed.rank(), distributed.world()
-    pipe = WanPipeline.load(ckpt, preset, device=device, compile=args.compile)
+    owner = distributed.assign([1] * len(runs), world)  # equal costs: prompt 0 goes to rank 0
+    mine = [k for k in range(len(runs)) if owner[k] == rank or k == 0]  # prompt 0: the profile channels
+    # each prompt with the negative prompt, as sample.py encodes it (a context never depends on which prompts share a
+    # rank); the text encoder is freed before the DiT loads (never both resident: 9.5-11 GB + the DiT)
+    tok, enc = load_text(found, preset, device=device)
+    contexts = {k: encode_with(preset, [runs[k].prompt, family.negative_prompt if runs[k].negative_prompt is None
+                                        else runs[k].negative_prompt], tok, enc, device=device) for k in mine}
+    del tok, enc
+    gc.collect()
+    pipe = WanPipeline.load(ckpt, preset, device=device, with_text_encoder=False, compile=args.compile)
     layout = pipe.model.layout(family.latent(runs[0], d)[0])  # the latent the DiT runs on (CogVideoX1.5: padded)
     names = [e.name for e in d.experts] or [""]  # A14B: one set of statistics per expert (MA channels are per network)
     stats = {n: MAStats(layout, c.dim, blocks, runs[0].steps, p=args.p, a1_slots=a1) for n in names}
     guidance = {e.name: Guidance(method="cfg", guidance_scale=e.guidance_scale, capture=stats[e.name])
                 for e in d.experts} or Guidance(method="cfg", guidance_scale=d.guidance_scale, capture=stats[""])
-    owner = distributed.assign([1] * len(runs), world)  # equal costs: prompt 0 goes to rank 0
     if world > 1 and owner[0] != rank:  # pick the profile channels from prompt 0, as one process does
-        for name, dims in first_capture_dims(pipe, runs[0], guidance, blocks).items():
+        for name, dims in first_capture_dims(pipe, runs[0], contexts[0], guidance, blocks).items():
             stats[name].profile_dims = dims
     for k, run in enumerate(runs):
         if owner[k] != rank:
             continue
         print(f"[rank {rank}/{world}] [{k + 1}/{len(runs)}] {run.prompt[:70]}")
-        pipe.sample(run, guidance, callback=lambda info: [s.next_step(info) for s in stats.values()])
+        pipe.sample(run, guidance, context=contexts[k],
+                    callback=lambda info: [s.next_step(info) for s in stats.values()])
     for st in stats.values():
         st.reduce()  # sums over ranks (no-op in one process); every rank then holds the totals
     if not distributed.is_main():
@@ -143,7 +154,7 @@ class _Probed(Exception):
     """Stops the probe run once every expert's recorded blocks were captured once."""
 
 
-def first_capture_dims(pipe, run, guidance, blocks) -> dict[str, list[int]]:
+def first_capture_dims(pipe, run, context, guidance, blocks) -> dict[str, list[int]]:
     """For a rank that does not sample prompt 0: the profile channel MAStats picks per block (the largest peak of
     the cond row at the block's first capture, i.e. on prompt 0), per expert name ('' for one DiT). Runs prompt 0
     only until every expert has captured every recorded block (one forward for a one-DiT model)."""
@@ -160,7 +171,7 @@ def first_capture_dims(pipe, run, guidance, blocks) -> dict[str, list[int]]:
     probe = {n: replace(g, capture=capture(n)) for n, g in guidance.items()} if isinstance(guidance, dict) \
         else replace(guidance, capture=capture(""))
     try:
-        pipe.sample(run, probe, progress=False)
+        pipe.sample(run, probe, context=context, progress=False)
     except _Probed:
         pass
     return {n: [dims[n][b] for b in blocks] for n in names}
