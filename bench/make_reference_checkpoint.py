@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import (AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMScheduler,  # noqa: E402
@@ -38,6 +39,7 @@ from diffusers import (AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMSc
 from safetensors.torch import save_file  # noqa: E402
 from transformers import T5EncoderModel, UMT5EncoderModel  # noqa: E402
 
+from guidance_speed import build  # noqa: E402 -- parameters created directly in a dtype
 from minivdit.cogvideox import PRESETS as COG_PRESETS, diffusers_config  # noqa: E402
 from minivdit.text import make_tiny_tokenizer, t5_v1_1_xxl_config, umt5_to_native, umt5_xxl_config  # noqa: E402
 from minivdit.wan import PRESETS, from_diffusers, native_config  # noqa: E402
@@ -48,20 +50,10 @@ def log(msg, t0=time.perf_counter()):
     print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
 
-def built_in(dtype: torch.dtype, make):
-    """make() with its parameters created directly in dtype (no float32 copy of billions of weights on the way)."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        return make()
-    finally:
-        torch.set_default_dtype(default)
-
-
 def write_cogvideox(name: str, out: Path, dtype: torch.dtype) -> None:
     """The diffusers layout of THUDM/CogVideoX-2b, -5b, CogVideoX1.5-5B (models.md §3.5, 3.6, 3.9), random weights."""
     preset = COG_PRESETS[name]
-    dit = built_in(dtype, lambda: CogVideoXTransformer3DModel(**diffusers_config(preset.config)))
+    dit = build(lambda: CogVideoXTransformer3DModel(**diffusers_config(preset.config)), dtype)
     log(f"DiT built: {sum(t.numel() for t in dit.parameters()) / 1e9:.4f} B parameters")
     dit.save_pretrained(out / "transformer")
     del dit
@@ -73,7 +65,7 @@ def write_cogvideox(name: str, out: Path, dtype: torch.dtype) -> None:
                            prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=True,
                            clip_sample=False).save_pretrained(out / "scheduler")
     make_tiny_tokenizer(out / "tokenizer")
-    built_in(torch.bfloat16, lambda: T5EncoderModel(t5_v1_1_xxl_config())).save_pretrained(out / "text_encoder")
+    build(lambda: T5EncoderModel(t5_v1_1_xxl_config()), torch.bfloat16).save_pretrained(out / "text_encoder")
     log("T5 v1.1-xxl written")
     (out / "model_index.json").write_text(json.dumps({
         "_class_name": "CogVideoXPipeline", "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
@@ -102,10 +94,11 @@ def main():
         return write_cogvideox(args.preset, out, getattr(torch, args.dtype))
     preset = PRESETS[args.preset]
     c = preset.config
-    dit = built_in(getattr(torch, args.dtype), lambda: WanTransformer3DModel(
+    dit = build(lambda: WanTransformer3DModel(
         num_attention_heads=c.num_heads, attention_head_dim=c.dim // c.num_heads, in_channels=c.in_dim,
         out_channels=c.out_dim, text_dim=c.text_dim, freq_dim=c.freq_dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=c.eps, patch_size=c.patch_size))
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=c.eps, patch_size=c.patch_size),
+        getattr(torch, args.dtype))  # built directly in its dtype
     log(f"DiT built: {sum(t.numel() for t in dit.parameters()) / 1e9:.4f} B parameters")
     if "diffusers" in layouts:
         dit.save_pretrained(out / "diffusers" / "transformer")
@@ -133,7 +126,7 @@ def main():
     for layout, sub in (("native", "google/umt5-xxl"), ("diffusers", "tokenizer")):
         if layout in layouts:
             make_tiny_tokenizer(out / layout / sub)
-    enc = built_in(torch.bfloat16, lambda: UMT5EncoderModel(umt5_xxl_config()))  # 11.4 GB instead of 22.7 GB
+    enc = build(lambda: UMT5EncoderModel(umt5_xxl_config()), torch.bfloat16)  # 11.4 GB instead of 22.7 GB
     log("umt5-xxl built")
     if "diffusers" in layouts:
         enc.save_pretrained(out / "diffusers" / "text_encoder")
