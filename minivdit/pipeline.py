@@ -144,6 +144,10 @@ class Family:
     def check_guidance(self, g: Guidance) -> None:
         """Raise ValueError for a guidance method not defined for this family's prediction."""
 
+    def negative(self, run: SampleConfig) -> str:
+        """The run's negative prompt: its own, or the family's default when it has none."""
+        return self.negative_prompt if run.negative_prompt is None else run.negative_prompt
+
     def stride(self, preset) -> int:
         """Height / width multiple: VAE stride x patch."""
         raise NotImplementedError
@@ -437,13 +441,17 @@ def encode_with(preset: str, prompts: list[str], tok, enc, device=None) -> torch
     return encode_text(prompts, tok, enc, PRESETS[preset].config.text_len, device=device)
 
 
-def encode_prompts(found: dict, preset: str, prompts: list[str], dtype: torch.dtype = torch.bfloat16,
-                   device="cpu") -> torch.Tensor:
-    """Encode prompts with a text encoder that is loaded for this call only, so that its memory (11 GB for
-    umt5-xxl in bf16, 9.5 GB for CogVideoX's T5-xxl) is never held together with the DiT's. Returns
-    (B, text_len, text_dim) float32."""
+def encode_prompts(found: dict, preset: str, pairs: list[tuple[str, str]], dtype: torch.dtype = torch.bfloat16,
+                   device="cpu") -> list[torch.Tensor]:
+    """Encode each (prompt, negative prompt) pair on its own (so a context never depends on which prompts share a
+    call) with a text encoder that is loaded for this call only and freed before it returns, so that its memory
+    (11 GB for umt5-xxl in bf16, 9.5 GB for CogVideoX's T5-xxl) is never held together with the DiT's. Returns one
+    (2, text_len, text_dim) float32 [cond, uncond] context per pair."""
     tok, enc = load_text(found, preset, dtype, device)
-    return encode_with(preset, prompts, tok, enc, device=device)
+    contexts = [encode_with(preset, list(pair), tok, enc, device=device) for pair in pairs]
+    del tok, enc
+    gc.collect()
+    return contexts
 
 
 class Pipeline:
@@ -703,8 +711,7 @@ class Pipeline:
                              f"this run has {shape[2]}; use frames >= 9")
         sigmas = fam.grid(run, p) if sigmas is None else sigmas
         if context is None:
-            neg = fam.negative_prompt if run.negative_prompt is None else run.negative_prompt
-            context = self.encode([run.prompt, neg])
+            context = self.encode([run.prompt, fam.negative(run)])
         check_finite(context, "the text embedding (text encoder output, before sampling)")
         generator = torch.Generator("cpu").manual_seed(run.seed) if generator is None else generator
         x = fam.noise(shape, generator) if x is None else x
@@ -988,7 +995,7 @@ def sidecar(pipe: WanPipeline, run: SampleConfig, guidance: Guidance | Mapping[s
         extra = {"prompt_tokens": pipe.prompt_tokens, **extra}
     record = {**pipe.info, **asdict(run), **extra,
               "guidance": {k: as_json(g) for k, g in guidance.items()} if per_expert else as_json(guidance)}
-    record["negative_prompt"] = pipe.family.negative_prompt if run.negative_prompt is None else run.negative_prompt
+    record["negative_prompt"] = pipe.family.negative(run)
     record["guidance_scale"] = {k: g.guidance_scale for k, g in guidance.items()} if per_expert else \
         guidance.guidance_scale
     if pipe.preset.experts:

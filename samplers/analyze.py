@@ -10,7 +10,6 @@ they are summed over ranks with all_reduce before rank 0 writes the report (MASt
 or a count, so N ranks give the one-process report up to float64 summation order).
 """
 import argparse
-import gc
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from dataclasses import replace  # noqa: E402
 from minivdit import distributed  # noqa: E402
 from minivdit.analysis import MAStats, write_plots  # noqa: E402
 from minivdit.guidance import Guidance  # noqa: E402
-from minivdit.pipeline import (SampleConfig, WanPipeline, detect_preset, encode_with, family_of,  # noqa: E402
-                               find_checkpoint, load_text, tiny_checkpoint)
+from minivdit.pipeline import (SampleConfig, WanPipeline, detect_preset, encode_prompts, family_of,  # noqa: E402
+                               find_checkpoint, tiny_checkpoint)
 from minivdit.report import write_report  # noqa: E402
 from minivdit.text import read_prompts  # noqa: E402
 from minivdit.video import write_json  # noqa: E402
@@ -92,13 +91,9 @@ def main(argv=None):
     rank, world = distributed.rank(), distributed.world()
     owner = distributed.assign([1] * len(runs), world)  # equal costs: prompt 0 goes to rank 0
     mine = [k for k in range(len(runs)) if owner[k] == rank or k == 0]  # prompt 0: the profile channels
-    # each prompt with the negative prompt, as sample.py encodes it (a context never depends on which prompts share a
-    # rank); the text encoder is freed before the DiT loads (never both resident: 9.5-11 GB + the DiT)
-    tok, enc = load_text(found, preset, device=device)
-    contexts = {k: encode_with(preset, [runs[k].prompt, family.negative_prompt if runs[k].negative_prompt is None
-                                        else runs[k].negative_prompt], tok, enc, device=device) for k in mine}
-    del tok, enc
-    gc.collect()
+    # each prompt with the negative prompt, as sample.py encodes it; the text encoder is freed before the DiT loads
+    contexts = dict(zip(mine, encode_prompts(found, preset, [(runs[k].prompt, family.negative(runs[k])) for k in mine],
+                                             device=device)))
     pipe = WanPipeline.load(ckpt, preset, device=device, with_text_encoder=False, compile=args.compile)
     layout = pipe.model.layout(family.latent(runs[0], d)[0])  # the latent the DiT runs on (CogVideoX1.5: padded)
     names = [e.name for e in d.experts] or [""]  # A14B: one set of statistics per expert (MA channels are per network)

@@ -34,7 +34,6 @@ similarity from local folders. A study follows the STAS protocol: 5 seeds per pr
 """
 import argparse
 import csv
-import gc
 import io
 import json
 import sys
@@ -54,11 +53,11 @@ from minivdit.metrics import (BACKBONES, FIDELITY_METRICS, TRANSITION_METRICS, e
                               fidelity, load_backbone, mean_std, plot_summary, plot_transitions, transition_columns,
                               video_metrics)
 from minivdit.pipeline import (DTYPES, FAMILIES, SampleConfig, WanPipeline,  # noqa: E402
-                               check_vae, detect_preset, encode_with, family_of, find_checkpoint, guidance_for,
-                               load_text, prompt_tokens, sidecar, tiny_checkpoint)
+                               check_vae, detect_preset, encode_prompts, family_of, find_checkpoint,
+                               guidance_for, prompt_tokens, sidecar, tiny_checkpoint)
 from minivdit.report import write_report  # noqa: E402
 from minivdit.specs import GRAMMAR, Spec, filename, parse_specs  # noqa: E402
-from minivdit.text import read_prompts  # noqa: E402
+from minivdit.text import load_tokenizer, read_prompts  # noqa: E402
 from minivdit.video import grid, to_uint8, write_json, write_mp4, write_text  # noqa: E402
 from samplers.sample import add_guidance_args, add_run_args, check_device  # noqa: E402
 
@@ -278,8 +277,7 @@ def main(argv=None):
                                    solver=args.solver, fps=args.fps, dynamic_cfg=args.dynamic_cfg)
     run.check(family.stride(d), family)
     check_vae(found, preset)
-    negative = family.negative_prompt if args.negative_prompt is None else args.negative_prompt
-    run = replace(run, negative_prompt=negative)
+    run = replace(run, negative_prompt=family.negative(run))
     guidances = {}  # label -> Guidance (A14B: one per expert)
     for r in runs:
         o = options_for(r, args)
@@ -353,12 +351,11 @@ def sample_jobs(mine, args, found, ckpt, preset, run, guidances, keys, out, devi
     """Run this rank's jobs: encode their prompts (each with the negative prompt, as sample.py does, so a context
     never depends on which prompts share a rank), load the model once, sample, write mp4 + sidecar (temporal
     metrics on the uint8 frames before mp4 encoding)."""
-    tok, enc = load_text(found, preset, device=device)  # freed before the DiT is loaded
-    prompt_tokens(preset, [*dict.fromkeys(j.prompt for j in mine), run.negative_prompt], tok)  # warns if truncated
-    contexts = {k: encode_with(preset, [p, run.negative_prompt], tok, enc, device=device)
-                for k, p in sorted({(j.k, j.prompt) for j in mine})}  # (2, text_len, text_dim): [cond, uncond]
-    del tok, enc
-    gc.collect()
+    prompts = sorted({(j.k, j.prompt) for j in mine})
+    prompt_tokens(preset, [*dict.fromkeys(p for _, p in prompts), run.negative_prompt],  # warns if truncated
+                  load_tokenizer(found["tokenizer"]))
+    contexts = dict(zip((k for k, _ in prompts), encode_prompts(  # text encoder freed before the DiT is loaded
+        found, preset, [(p, run.negative_prompt) for _, p in prompts], device=device)))
     pipe = WanPipeline.load(ckpt, preset, dtype=DTYPES[args.dtype], device=device, with_text_encoder=False,
                             compile=args.compile)
     stride = pipe.vae.time_factor  # the VAE's temporal stride: where the latent-chunk seams are

@@ -251,12 +251,12 @@ def main(argv=None):
         family.check_guidance(g)
     check_vae(found, preset)
     out = check_output(args.output or numbered(DEFAULT_OUTPUT), args.overwrite)
-    negative = family.negative_prompt if run.negative_prompt is None else run.negative_prompt
+    negative = family.negative(run)
     tokens = prompt_tokens(preset, [run.prompt, negative], load_tokenizer(found["tokenizer"]))  # warns if truncated
     warn_if_large(estimate(found, defaults, run, guidance, family, DTYPES[args.dtype]), device)
 
     start = time.perf_counter()
-    context = encode_prompts(found, preset, [run.prompt, negative], device=device)  # text encoder freed after
+    context, = encode_prompts(found, preset, [(run.prompt, negative)], device=device)  # text encoder freed after
     pipe = Pipeline.load(ckpt, preset, args.vae, args.text_encoder, args.tokenizer, dtype=DTYPES[args.dtype],
                          device=device, with_text_encoder=False, ckpt_high=args.ckpt_high,
                          ckpt_low=args.ckpt_low, keep_experts=args.keep_experts, compile=args.compile)

@@ -27,7 +27,7 @@ def no_loading(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
     monkeypatch.setattr(compare.WanPipeline, "load", boom)
-    monkeypatch.setattr(compare, "load_text", boom)
+    monkeypatch.setattr(compare, "encode_prompts", boom)  # loads the text encoder
 
 
 def read_csv(path):

@@ -326,7 +326,8 @@ def test_compare_and_analyze_refuse_bad_input_before_loading(wan, tmp_path, monk
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
     monkeypatch.setattr(Pipeline, "load", no_load)
-    monkeypatch.setattr(compare, "load_text", no_load)
+    monkeypatch.setattr(compare, "encode_prompts", no_load)  # each loads the text encoder
+    monkeypatch.setattr(analyze, "encode_prompts", no_load)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     empty = tmp_path / "p.txt"
     empty.write_text("\n# only a comment\n")
